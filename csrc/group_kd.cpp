@@ -1,0 +1,20 @@
+// The schema of the fused group-KD op (DESIGN.md section 4) and the Python module stub.
+// Implementations register against it per device: csrc/cpu (CPU), csrc/cuda (CUDA).
+// Autograd and the fake (meta) implementation are registered from Python (orc_fast/ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import orc_fast._C` only has to load this library so the registrations below run.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(orc_fast, m) {
+  m.def(
+      "group_kd_fused(Tensor student, Tensor teachers, Tensor target, Tensor teacher_weights, "
+      "Tensor alpha, Tensor error_members, float temperature, int ignore_index, int error_rule) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}

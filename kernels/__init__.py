@@ -1,0 +1,1 @@
+"""Triton kernels of orc_fast, installed as orc_fast.kernels."""

@@ -1,0 +1,80 @@
+"""The group-KD operators, registered with torch.library, and their shared autograd.
+
+Every backend is one custom op with the same schema (DESIGN.md section 4):
+
+    (student [S,B,C], teachers [G,B,C], target [B] int64, teacher_weights [G] fp32,
+     alpha [S] fp32, error_members [S] fp32, temperature, ignore_index, error_rule)
+    -> (loss [S,B] fp32, kl [S,B] fp32, ce [S,B] fp32, student_correct [S,B] bool,
+        teacher_correct [G,B] bool, error_mask [B] bool, grad [S,B,C] student dtype)
+
+``grad`` is d loss[s,b] / d student[s,b,:], produced in the same pass as the loss.
+Backward only scales it by the incoming gradient of ``loss``; kl, ce and the masks are
+diagnostics and carry no gradient.
+
+Ops: ``orc_fast::group_kd_reference`` (here), ``orc_fast::group_kd_fused`` (C++ in
+csrc/, CPU and CUDA implementations), ``orc_fast::group_kd_triton`` (kernels/).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .reference import group_kd_reference
+
+OUTPUT_NAMES = ("loss", "kl", "ce", "student_correct", "teacher_correct", "error_mask", "grad")
+
+
+def group_kd_fake(student, teachers, target, teacher_weights, alpha, error_members, temperature, ignore_index, error_rule):
+    """Output shapes and dtypes, for torch.compile's fake tensors."""
+    num_students, batch, _ = student.shape
+    num_teachers = teachers.shape[0]
+    per_sample = student.new_empty((num_students, batch), dtype=torch.float32)
+    return (
+        per_sample,
+        torch.empty_like(per_sample),
+        torch.empty_like(per_sample),
+        student.new_empty((num_students, batch), dtype=torch.bool),
+        student.new_empty((num_teachers, batch), dtype=torch.bool),
+        student.new_empty((batch,), dtype=torch.bool),
+        student.new_empty(student.shape, dtype=student.dtype),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[6])
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _backward(ctx, grad_loss, *unused_grads):
+    (per_sample_grad,) = ctx.saved_tensors
+    grad_student = None
+    if ctx.needs_input_grad[0] and grad_loss is not None:
+        grad_student = (per_sample_grad * grad_loss.unsqueeze(-1)).to(per_sample_grad.dtype)
+    return grad_student, None, None, None, None, None, None, None, None
+
+
+def register_autograd_and_fake(op, fake: bool = True) -> None:
+    """Give a group-KD op (any backend) its autograd formula and, if asked, its fake."""
+    if fake:
+        torch.library.register_fake(op, group_kd_fake)
+    torch.library.register_autograd(op, _backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("orc_fast::group_kd_reference", mutates_args=())
+def group_kd_reference_op(
+    student: torch.Tensor,
+    teachers: torch.Tensor,
+    target: torch.Tensor,
+    teacher_weights: torch.Tensor,
+    alpha: torch.Tensor,
+    error_members: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    error_rule: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return group_kd_reference(
+        student, teachers, target, teacher_weights, alpha, error_members, temperature, ignore_index, error_rule
+    )
+
+
+register_autograd_and_fake(group_kd_reference_op)
