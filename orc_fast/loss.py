@@ -63,20 +63,23 @@ def _stack_teachers(teachers, student: torch.Tensor) -> torch.Tensor:
 
 
 def _per_network(name: str, value, count: int, like: torch.Tensor, low: float, high: float) -> torch.Tensor:
-    """A scalar or one value per network, as an fp32 [count] tensor on the logits' device."""
+    """A scalar or one value per network, as an fp32 [count] tensor on the logits' device.
+
+    Python values are checked in Python; tensor values only in eager mode and on the CPU,
+    since reading device data would sync the host and break compiled graphs.
+    """
     if isinstance(value, torch.Tensor):
         tensor = value.detach().to(device=like.device, dtype=torch.float32).reshape(-1)
         if tensor.numel() == 1:
             tensor = tensor.expand(count)
+        values = tensor.tolist() if value.device.type == "cpu" and not torch.compiler.is_compiling() else None
     else:
         values = [float(v) for v in value] if isinstance(value, Sequence) else [float(value)] * count
         tensor = torch.tensor(values, dtype=torch.float32, device=like.device)
     if tensor.numel() != count:
         raise ValueError(f"{name} must be a scalar or hold {count} values, got {tensor.numel()}")
-    # Value checks read the data: done in eager on host values only, never in a compiled graph.
-    if not isinstance(value, torch.Tensor) or (value.device.type == "cpu" and not torch.compiler.is_compiling()):
-        if not bool(((tensor >= low) & (tensor <= high)).all()):
-            raise ValueError(f"{name} must lie in [{low}, {high}], got {tensor.tolist()}")
+    if values is not None and not all(low <= v <= high for v in values):
+        raise ValueError(f"{name} must lie in [{low}, {high}], got {values}")
     return tensor.contiguous()
 
 
@@ -84,7 +87,8 @@ def _teacher_weights(teacher_weights, num_teachers: int, like: torch.Tensor) -> 
     if teacher_weights is None:
         return torch.full((num_teachers,), 1.0 / num_teachers, dtype=torch.float32, device=like.device)
     weights = _per_network("teacher_weights", teacher_weights, num_teachers, like, 0.0, math.inf)
-    if not isinstance(teacher_weights, torch.Tensor) and sum(weights.tolist()) <= 0:
+    given = teacher_weights if isinstance(teacher_weights, Sequence) else [teacher_weights]
+    if not isinstance(teacher_weights, torch.Tensor) and sum(float(w) for w in given) <= 0:
         raise ValueError("teacher_weights must have a positive sum")
     return weights / weights.sum()
 
