@@ -76,7 +76,7 @@ def group_kd_math(
     student_logq = torch.log_softmax(student / temperature, dim=-1)  # [S, B, C]
     # KL(p || q) with 0 * log 0 = 0: classes the teachers give no mass drop out, even
     # where the student's log-probability is -inf.
-    has_mass = mean_prob > 0
+    has_mass = mean_prob != 0  # NaN counts as mass, so it propagates (NaN policy)
     log_mean_prob = torch.log(torch.where(has_mass, mean_prob, torch.ones_like(mean_prob)))
     kl_terms = torch.where(has_mass, mean_prob * (log_mean_prob - student_logq), torch.zeros_like(student_logq))
     kl = kl_terms.sum(-1)  # [S, B]
