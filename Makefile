@@ -27,6 +27,10 @@ test: setup
 bench: setup
 	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-columns=median,iqr,rounds
 
+# the long fuzzing profile (CI runs the short, fixed-seed one inside `make test`)
+fuzz: setup
+	ORC_FAST_FUZZ_PROFILE=dev $(PY) -m pytest -q tests/test_fuzz.py
+
 train: setup
 	$(PY) -m orc_fast.train
 
