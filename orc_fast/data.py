@@ -1,0 +1,352 @@
+"""Datasets held on the training device as uint8 tensors, augmented there in batches.
+
+DESIGN.md sections 5 and 6. ``load_dataset`` returns a ``DeviceDataset`` whatever the
+source (scikit-learn digits, torchvision CIFAR, an ImageFolder tree); ``train_batches``
+yields normalised, augmented float batches without any per-image Python or DataLoader
+worker: one gather does the random crop (zero padding) and the horizontal flip of a
+whole batch.
+
+Decoded ImageFolder trees are cached under ``~/.cache/orc_fast`` (``$ORC_FAST_CACHE``
+or ``$XDG_CACHE_HOME/orc_fast`` when set), never inside the data folder, which may be
+read-only. The cache key is the folder's absolute path, the image size and the
+modification times and file counts of its directories.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff"}
+CACHE_VERSION = 1
+
+
+class DataError(ValueError):
+    """The data asked for is missing, empty or inconsistent (a user error, not a bug)."""
+
+
+@dataclass
+class DeviceDataset:
+    """Train and test splits as uint8 [N, 3, H, W] images and int64 [N] labels on one device."""
+
+    name: str
+    classes: list[str]
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    mean: torch.Tensor  # [3] fp32, in [0, 1] units, from the training images
+    std: torch.Tensor
+    flip: bool  # horizontal flips keep the label (not so for digits)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_size(self) -> int:
+        return self.train_images.shape[-1]
+
+    def to(self, device) -> "DeviceDataset":
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        return DeviceDataset(**moved)
+
+
+# ---------------------------------------------------------------------------- sources
+
+
+def _resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
+    """[N, C, H, W] uint8 -> [N, C, size, size] uint8 (bilinear, antialiased when shrinking)."""
+    if images.shape[-2:] == (size, size):
+        return images
+    out = []
+    for chunk in images.split(4096):
+        resized = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        out.append(resized.round().clamp(0, 255).to(torch.uint8))
+    return torch.cat(out)
+
+
+def _digits(image_size: int):
+    """scikit-learn's bundled 8x8 handwritten digits, grey -> 3 channels, upsampled.
+
+    A fixed stratified 80/20 split (the same for every seed): 1437 train, 360 test.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = torch.from_numpy(digits.images).float().div(16.0).mul(255.0)[:, None]  # [N, 1, 8, 8]
+    images = _resize_uint8(images.round().to(torch.uint8), image_size).expand(-1, 3, -1, -1).contiguous()
+    labels = torch.from_numpy(digits.target).long()
+    train_index, test_index = train_test_split(
+        np.arange(len(labels)), test_size=0.2, stratify=digits.target, random_state=0
+    )
+    train_index, test_index = torch.from_numpy(np.sort(train_index)), torch.from_numpy(np.sort(test_index))
+    classes = [str(c) for c in range(10)]
+    return classes, images[train_index], labels[train_index], images[test_index], labels[test_index]
+
+
+def _cifar(name: str, data_dir: str | None, download: bool, image_size: int):
+    import torchvision
+
+    if not data_dir:
+        raise DataError(f"--dataset {name} needs --data-dir (add --download to fetch it there)")
+    root = Path(data_dir)
+    if not download and not root.is_dir():
+        raise DataError(f"data folder {root} does not exist (add --download to fetch {name} into it)")
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    splits = []
+    for train in (True, False):
+        try:
+            split = cls(root=str(root), train=train, download=download)
+        except RuntimeError as error:  # torchvision: "Dataset not found or corrupted"
+            hint = "" if download else " (add --download to fetch it)"
+            raise DataError(f"{name} not found in {root}: {error}{hint}") from None
+        images = torch.from_numpy(np.asarray(split.data)).permute(0, 3, 1, 2).contiguous()
+        splits += [_resize_uint8(images, image_size), torch.tensor(split.targets, dtype=torch.long)]
+    return list(split.classes), *splits
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def _scan_imagefolder(root: Path) -> tuple[list[str], dict[str, dict[str, list[Path]]]]:
+    """Validate the D/train/<class>, D/test/<class> layout; list the images of each class."""
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist")
+    listing: dict[str, dict[str, list[Path]]] = {}
+    for split in ("train", "test"):
+        split_dir = root / split
+        if not split_dir.is_dir():
+            raise DataError(f"data folder {root} has no {split}/ folder (expected {root}/{split}/<class>/*)")
+        classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+        if not classes:
+            raise DataError(f"{split_dir} holds no class folders")
+        listing[split] = {c: _image_files(split_dir / c) for c in classes}
+        empty = [c for c, files in listing[split].items() if not files]
+        if empty:
+            raise DataError(f"{split_dir} has class folders without images: {', '.join(empty[:5])}")
+    train_classes, test_classes = list(listing["train"]), list(listing["test"])
+    if train_classes != test_classes:
+        missing = sorted(set(train_classes) - set(test_classes))
+        extra = sorted(set(test_classes) - set(train_classes))
+        raise DataError(
+            f"{root}: test classes differ from train classes (missing in test: {missing or 'none'}; "
+            f"not in train: {extra or 'none'})"
+        )
+    return train_classes, listing
+
+
+def cache_dir() -> Path:
+    if os.environ.get("ORC_FAST_CACHE"):
+        return Path(os.environ["ORC_FAST_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "orc_fast"
+
+
+def _cache_key(root: Path, classes: list[str], listing, image_size: int) -> str:
+    signature = {"version": CACHE_VERSION, "root": str(root.resolve()), "size": image_size, "dirs": []}
+    for split in ("train", "test"):
+        for directory in [root, root / split] + [root / split / c for c in classes]:
+            signature["dirs"].append([str(directory), directory.stat().st_mtime_ns])
+        signature["dirs"].append([split, [len(listing[split][c]) for c in classes]])
+    return hashlib.sha256(json.dumps(signature).encode()).hexdigest()[:24]
+
+
+def _decode(path: Path, image_size: int) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            if image.size != (image_size, image_size):
+                image = image.resize((image_size, image_size), Image.BILINEAR)
+            return np.asarray(image, dtype=np.uint8)
+    except Exception as error:  # noqa: BLE001 - any decoder failure is a data problem
+        raise DataError(f"cannot decode image {path}: {error}") from None
+
+
+def _decode_split(files: list[tuple[Path, int]], image_size: int):
+    workers = max(1, min(8, os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:  # PIL decodes outside the GIL
+        arrays = list(pool.map(lambda item: _decode(item[0], image_size), files, chunksize=256))
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    labels = torch.tensor([label for _, label in files], dtype=torch.long)
+    return images, labels
+
+
+def _save_atomic(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _imagefolder(data_dir: str | None, image_size: int, log=print):
+    if not data_dir:
+        raise DataError("--dataset imagefolder needs --data-dir D with D/train/<class>/* and D/test/<class>/*")
+    root = Path(data_dir)
+    classes, listing = _scan_imagefolder(root)
+    cache_path = cache_dir() / f"imagefolder-{_cache_key(root, classes, listing, image_size)}.pt"
+    if cache_path.exists():
+        try:
+            cached = torch.load(cache_path, weights_only=True)
+            if cached["classes"] == classes:
+                return classes, cached["train_images"], cached["train_labels"], cached["test_images"], cached["test_labels"]
+        except Exception:  # noqa: BLE001 - a broken cache is rebuilt
+            pass
+    log(f"decoding {root} once ({sum(len(f) for s in listing.values() for f in s.values())} images) ...")
+    splits = []
+    for split in ("train", "test"):
+        files = [(path, label) for label, c in enumerate(classes) for path in listing[split][c]]
+        splits += list(_decode_split(files, image_size))
+    try:
+        _save_atomic(
+            {"classes": classes, "train_images": splits[0], "train_labels": splits[1],
+             "test_images": splits[2], "test_labels": splits[3]},
+            cache_path,
+        )
+        log(f"cached the decoded images in {cache_path}")
+    except OSError as error:
+        log(f"warning: could not write the decode cache {cache_path}: {error}")
+    return classes, *splits
+
+
+# ---------------------------------------------------------------------------- assembly
+
+
+def class_balanced_subset(labels: torch.Tensor, size: int, num_classes: int, seed: int = 0) -> torch.Tensor:
+    """Indices of ``size`` samples, as equal a share of each class as the data allows.
+
+    Random within each class under its own fixed ``seed`` (so every method and every
+    training seed sees the same subset); returned sorted.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    per_class = [torch.nonzero(labels == c).flatten() for c in range(num_classes)]
+    per_class = [idx[torch.randperm(len(idx), generator=generator)] for idx in per_class]
+    quota = [0] * num_classes
+    remaining = min(size, len(labels))
+    # Hand out one slot per class in turn, skipping classes that ran out of samples.
+    while remaining > 0:
+        open_classes = [c for c in range(num_classes) if quota[c] < len(per_class[c])]
+        share, extra = divmod(remaining, len(open_classes))
+        for rank, c in enumerate(open_classes):
+            take = min(share + (1 if rank < extra else 0), len(per_class[c]) - quota[c])
+            quota[c] += take
+            remaining -= take
+    chosen = torch.cat([per_class[c][: quota[c]] for c in range(num_classes)])
+    return chosen.sort().values
+
+
+def load_dataset(
+    name: str,
+    data_dir: str | None = None,
+    download: bool = False,
+    image_size: int = 32,
+    train_subset: int = 0,
+    device="cpu",
+    log=print,
+) -> DeviceDataset:
+    """Load a dataset into uint8 tensors on ``device``; raises DataError on bad input."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    if image_size < 8:
+        raise DataError(f"--image-size must be >= 8, got {image_size}")
+    if name == "digits":
+        classes, train_x, train_y, test_x, test_y = _digits(image_size)
+    elif name in ("cifar10", "cifar100"):
+        classes, train_x, train_y, test_x, test_y = _cifar(name, data_dir, download, image_size)
+    else:
+        classes, train_x, train_y, test_x, test_y = _imagefolder(data_dir, image_size, log)
+    if len(train_y) == 0 or len(test_y) == 0:
+        raise DataError(f"dataset {name} has an empty train or test split")
+    if train_subset < 0:
+        raise DataError(f"--train-subset must be >= 0, got {train_subset}")
+    if train_subset:
+        index = class_balanced_subset(train_y, train_subset, len(classes))
+        train_x, train_y = train_x[index], train_y[index]
+    scaled = train_x.float().div_(255.0)
+    mean = scaled.mean(dim=(0, 2, 3))
+    std = scaled.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    dataset = DeviceDataset(
+        name=name, classes=list(classes), train_images=train_x, train_labels=train_y,
+        test_images=test_x, test_labels=test_y, mean=mean, std=std, flip=name != "digits",
+    )
+    return dataset.to(device)
+
+
+# ---------------------------------------------------------------------------- batches
+
+
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> fp32, per-channel standardised."""
+    return (images.float().div_(255.0) - mean[:, None, None]) / std[:, None, None]
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, padding: int = 4, flip: bool = True) -> torch.Tensor:
+    """Random crop of every image from its zero-padded self, and a random horizontal flip.
+
+    One advanced-indexing gather for the whole batch on the images' device; the random
+    offsets and flips come from ``generator`` (on the same device).
+    """
+    batch, _, height, width = images.shape
+    device = images.device
+    padded = F.pad(images, (padding, padding, padding, padding))
+    dy = torch.randint(0, 2 * padding + 1, (batch,), generator=generator, device=device)
+    dx = torch.randint(0, 2 * padding + 1, (batch,), generator=generator, device=device)
+    rows = dy[:, None] + torch.arange(height, device=device)  # [B, H]
+    cols = torch.arange(width, device=device).expand(batch, width)
+    if flip:
+        flipped = torch.rand(batch, generator=generator, device=device) < 0.5
+        cols = torch.where(flipped[:, None], cols.flip(-1), cols)
+    cols = dx[:, None] + cols  # [B, W]
+    channels = torch.arange(images.shape[1], device=device)
+    return padded[
+        torch.arange(batch, device=device)[:, None, None, None],
+        channels[None, :, None, None],
+        rows[:, None, :, None],
+        cols[:, None, None, :],
+    ]
+
+
+def steps_per_epoch(num_images: int, batch_size: int) -> int:
+    """Full batches only (a tiny last batch would upset batch norm), at least one."""
+    return max(1, num_images // batch_size)
+
+
+def train_batches(dataset: DeviceDataset, batch_size: int, generator: torch.Generator, augment_images: bool = True):
+    """One epoch of (normalised augmented images [B, 3, H, W] fp32, labels [B]) on the device."""
+    count = len(dataset.train_labels)
+    order = torch.randperm(count, generator=generator, device=dataset.train_labels.device)
+    size = min(batch_size, count)
+    for step in range(steps_per_epoch(count, batch_size)):
+        index = order[step * size : (step + 1) * size]
+        images = dataset.train_images[index]
+        if augment_images:
+            images = augment(images, generator, flip=dataset.flip)
+        yield normalize(images, dataset.mean, dataset.std), dataset.train_labels[index]
+
+
+def test_batches(dataset: DeviceDataset, batch_size: int = 1000):
+    for start in range(0, len(dataset.test_labels), batch_size):
+        images = dataset.test_images[start : start + batch_size]
+        yield normalize(images, dataset.mean, dataset.std), dataset.test_labels[start : start + batch_size]
