@@ -1,0 +1,484 @@
+"""python -m orc_fast.train: train a group of networks with ORC, or a baseline.
+
+ORC ("Network Group-based Knowledge Distillation using Online Role Change", Choi et al.,
+ICCV 2023; DESIGN.md section 2): every step the best-scoring members become teachers,
+refine themselves on the students' error images, and the students distil from the
+teachers' mean tempered distribution. Baselines in the same engine: ``independent``,
+``dml`` (Deep Mutual Learning) and ``ensemble`` (distil from the group's mean).
+
+    python -m orc_fast.train                      # 4 x resnet8 on digits, 10 epochs, ~1 min on 2 cores
+    python -m orc_fast.train --config configs/cifar100_orc.yaml --data-dir data --download
+    python -m orc_fast.train --dataset imagefolder --data-dir ../shared/data/cifar10 \\
+        --arch resnet32,resnet20,wrn_16_2,vgg8 --epochs 30 --out runs/mixed
+
+Writes to --out: metrics.json, latest.pt / best.pt (atomic), curves.png. Bad input
+(unknown names, missing or inconsistent data, a wrong checkpoint) ends with a one-line
+error and exit code 2 before anything in --out is touched.
+
+The file reads top to bottom: command line, data and models, the training loop (the
+step itself is ``orc_fast.orc.GroupStep``), evaluation, outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint
+from .backends import BACKENDS, resolve_backend
+from .data import DATASETS, DataError, load_dataset, steps_per_epoch, test_batches, train_batches
+from .models import MODELS, build_model
+from .orc import METHODS, GroupStep, StepConfig
+from .reference import ERROR_RULES
+
+PROG = "python -m orc_fast.train"
+
+
+class UsageError(ValueError):
+    """Bad command-line or config input: reported in one line, exit code 2."""
+
+
+# ============================================================================ command line
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like every other input error here
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", metavar="FILE", help="YAML file of flag values (keys as flag names); CLI flags override it")
+
+    g = p.add_argument_group("method")
+    g.add_argument("--method", choices=METHODS, default="orc", help="orc, or a baseline: independent (CE only), "
+                   "dml (KD to the mean of the other members), ensemble (KD to the group's mean)")
+    g.add_argument("--arch", default="resnet8", help=f"one arch for a homogeneous group or a comma list for a mixed "
+                   f"one; known: {', '.join(MODELS)}")
+    g.add_argument("--num-nets", type=int, default=None, help="group size N (default: 4, or the length of an --arch list)")
+    g.add_argument("--teacher-size", type=int, default=None, help="ORC teacher-group size k in [1, N-1] (default N // 2)")
+    g.add_argument("--temperature", type=float, default=4.0, help="KD temperature tau")
+    g.add_argument("--alpha", type=float, default=0.9, help="students' KD weight: (1-alpha) CE + alpha tau^2 KL")
+    g.add_argument("--error-rule", choices=ERROR_RULES, default="any",
+                   help="an error image is one the student group gets wrong: any / all / majority of the students, "
+                   "or the students' ensemble")
+    g.add_argument("--error-weight", type=float, default=1.0, help="lambda_err: weight of the teachers' CE on error images")
+    g.add_argument("--error-mixup", action=argparse.BooleanOptionalAction, default=False,
+                   help="teachers' error term on error images mixed with random batch images (one more forward)")
+    g.add_argument("--mixup-alpha", type=float, default=1.0, help="mixup lambda ~ Beta(a, a)")
+    g.add_argument("--refresh-teachers", action=argparse.BooleanOptionalAction, default=False,
+                   help="teachers step first and students distil from their updated logits (one more forward)")
+    g.add_argument("--rank-momentum", type=float, default=0.0,
+                   help="rank members by an EMA of their batch CE with this momentum (0: this batch only)")
+    g.add_argument("--backend", choices=BACKENDS, default="auto", help="group-KD loss backend")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=DATASETS, default="digits",
+                   help="digits (bundled with scikit-learn), cifar10, cifar100 (torchvision), imagefolder "
+                   "(--data-dir D with D/train/<class>/*, D/test/<class>/*)")
+    g.add_argument("--data-dir", default=None, help="where cifar10/cifar100/imagefolder data lives")
+    g.add_argument("--download", action=argparse.BooleanOptionalAction, default=False,
+                   help="download cifar10/cifar100 into --data-dir if missing")
+    g.add_argument("--image-size", type=int, default=32, help="images are resized to this square size")
+    g.add_argument("--train-subset", type=int, default=0,
+                   help="train on a class-balanced subset of this many images (the same for every seed; 0: all)")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                   help="random crop (4-pixel zero padding) and horizontal flip (not for digits), on the device")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (every member)")
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--schedule", choices=("step", "cosine"), default="cosine",
+                   help="cosine: per-step cosine decay to 0; step: multiply by --lr-decay at each milestone")
+    g.add_argument("--milestones", default="",
+                   help="comma list of epochs for --schedule step (default: 62.5%%, 75%%, 87.5%% of --epochs)")
+    g.add_argument("--lr-decay", type=float, default=0.1)
+
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1, ...")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch (0: half the cores on a CPU run: small convolutions gain little "
+                   "from more, and OpenMP threads stall badly on a busy machine)")
+    g.add_argument("--out", default=None, help="output folder (default: runs/<method>_<dataset>)")
+    g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                   help="continue from a checkpoint (default: <out>/latest.pt); the model/data flags must match")
+    g.add_argument("--stop-after", type=int, default=0,
+                   help="stop after this epoch (the schedule still runs to --epochs; continue with --resume)")
+    g.add_argument("--eval-every", type=int, default=1, help="evaluate every this many epochs (and always the last)")
+    g.add_argument("--eval-batch-size", type=int, default=1000)
+    g.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
+                   help="per-epoch progress bar on stderr (auto: when stderr is a terminal)")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Flags, with --config's YAML values as defaults that the command line overrides."""
+    parser = build_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**read_config(known.config, parser))
+    return parser.parse_args(argv)
+
+
+def read_config(path: str, parser: argparse.ArgumentParser) -> dict:
+    import yaml
+
+    try:
+        with open(path) as handle:
+            values = yaml.safe_load(handle) or {}
+    except OSError as error:
+        raise UsageError(f"cannot read --config {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise UsageError(f"--config {path} is not valid YAML: {' '.join(str(error).split())}") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path} must hold a mapping of flag names to values")
+    actions = {a.dest: a for a in parser._actions}
+    defaults = {}
+    for key, value in values.items():
+        dest = str(key).replace("-", "_")
+        if dest not in actions or dest in ("help", "config"):
+            raise UsageError(f"--config {path}: unknown key {key!r}")
+        action = actions[dest]
+        if dest == "arch" and isinstance(value, list):
+            value = ",".join(map(str, value))
+        if dest == "milestones" and isinstance(value, list):
+            value = ",".join(map(str, value))
+        try:
+            if isinstance(action, argparse.BooleanOptionalAction):
+                if not isinstance(value, bool):
+                    raise ValueError("expected true or false")
+            elif value is not None and action.type is not None:
+                value = action.type(value)
+            if action.choices is not None and value not in action.choices:
+                raise ValueError(f"expected one of {', '.join(map(str, action.choices))}")
+        except (TypeError, ValueError) as error:
+            raise UsageError(f"--config {path}: bad value {value!r} for {key!r} ({error})") from None
+        defaults[dest] = value
+    return defaults
+
+
+def resolve(args: argparse.Namespace) -> dict:
+    """Check the flags against each other; the run's full configuration as a plain dict."""
+    archs = [a.strip() for a in args.arch.split(",") if a.strip()]
+    unknown = [a for a in archs if a not in MODELS]
+    if not archs or unknown:
+        raise UsageError(f"unknown arch {', '.join(unknown) or repr(args.arch)}; known: {', '.join(MODELS)}")
+    if len(archs) == 1:
+        num_nets = 4 if args.num_nets is None else args.num_nets
+        archs = archs * num_nets
+    elif args.num_nets is not None and args.num_nets != len(archs):
+        raise UsageError(f"--num-nets {args.num_nets} does not match the {len(archs)} archs given in --arch")
+    num_nets = len(archs)
+    minimum = 1 if args.method == "independent" else 2
+    if num_nets < minimum:
+        raise UsageError(f"--method {args.method} needs at least {minimum} networks, got --num-nets {num_nets}")
+    teacher_size = num_nets // 2 if args.teacher_size is None else args.teacher_size
+    if args.method == "orc" and not 1 <= teacher_size <= num_nets - 1:
+        raise UsageError(f"--teacher-size must lie in [1, N-1] = [1, {num_nets - 1}], got {teacher_size}")
+    checks = [
+        (args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}"),
+        (args.batch_size >= 2, f"--batch-size must be >= 2, got {args.batch_size}"),
+        (args.lr > 0, f"--lr must be > 0, got {args.lr}"),
+        (0 <= args.momentum < 1, f"--momentum must lie in [0, 1), got {args.momentum}"),
+        (args.weight_decay >= 0, f"--weight-decay must be >= 0, got {args.weight_decay}"),
+        (args.temperature > 0, f"--temperature must be > 0, got {args.temperature}"),
+        (0 <= args.alpha <= 1, f"--alpha must lie in [0, 1], got {args.alpha}"),
+        (args.error_weight >= 0, f"--error-weight must be >= 0, got {args.error_weight}"),
+        (args.mixup_alpha > 0, f"--mixup-alpha must be > 0, got {args.mixup_alpha}"),
+        (0 <= args.rank_momentum < 1, f"--rank-momentum must lie in [0, 1), got {args.rank_momentum}"),
+        (args.eval_every >= 1, f"--eval-every must be >= 1, got {args.eval_every}"),
+        (args.stop_after >= 0, f"--stop-after must be >= 0, got {args.stop_after}"),
+        (args.threads >= 0, f"--threads must be >= 0, got {args.threads}"),
+        (args.train_subset >= 0, f"--train-subset must be >= 0, got {args.train_subset}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    try:
+        milestones = sorted(int(m) for m in args.milestones.split(",") if m.strip())
+    except ValueError:
+        raise UsageError(f"--milestones must be a comma list of epochs, got {args.milestones!r}") from None
+    if not milestones:
+        milestones = sorted({round(args.epochs * f) for f in (0.625, 0.75, 0.875)})
+    try:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    except RuntimeError:
+        raise UsageError(f"unknown --device {args.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device} asked for, but CUDA is not available here")
+    try:
+        backend = resolve_backend(args.backend, device)
+    except Exception as error:  # noqa: BLE001 - unavailable backend is a usage problem
+        raise UsageError(str(error)) from None
+    config = {k: v for k, v in vars(args).items() if k not in ("config", "resume", "progress")}
+    config.update(
+        archs=archs, num_nets=num_nets, teacher_size=teacher_size, milestones=milestones,
+        device=str(device), backend_used=backend, out=args.out or f"runs/{args.method}_{args.dataset}",
+    )
+    return config
+
+
+def learning_rate(config: dict, epoch: int, step: int, steps: int) -> float:
+    if config["schedule"] == "cosine":
+        progress = (epoch + step / steps) / config["epochs"]
+        return config["lr"] * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return config["lr"] * config["lr_decay"] ** sum(epoch >= m for m in config["milestones"])
+
+
+# ============================================================================ evaluation
+
+
+@torch.inference_mode()
+def evaluate(models, dataset, batch_size: int) -> tuple[list[float], float]:
+    """Top-1 of every member and of the group ensemble (mean softmax), as fractions."""
+    for model in models:
+        model.eval()
+    correct = torch.zeros(len(models), dtype=torch.long, device=dataset.test_labels.device)
+    ensemble_correct = torch.zeros((), dtype=torch.long, device=dataset.test_labels.device)
+    for images, labels in test_batches(dataset, batch_size):
+        logits = torch.stack([model(images) for model in models]).float()
+        correct += (logits.argmax(-1) == labels).sum(1)
+        ensemble_correct += (logits.softmax(-1).mean(0).argmax(-1) == labels).sum()
+    count = len(dataset.test_labels)
+    return [c / count for c in correct.tolist()], ensemble_correct.item() / count
+
+
+# ============================================================================ terminal
+
+
+class ProgressBar:
+    """A one-line bar on stderr, redrawn at most 10 times a second."""
+
+    def __init__(self, enabled: bool, total: int, label: str):
+        self.enabled, self.total, self.label = enabled, total, label
+        self.start = self.last = time.perf_counter()
+
+    def update(self, done: int, images: int) -> None:
+        now = time.perf_counter()
+        if not self.enabled or (now - self.last < 0.1 and done < self.total):
+            return
+        self.last = now
+        width = 30
+        filled = int(width * done / self.total)
+        rate = images / max(now - self.start, 1e-9)
+        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} {rate:7.0f} img/s")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+def percent(values) -> str:
+    return " ".join(f"{100 * v:5.2f}" for v in values)
+
+
+# ============================================================================ the run
+
+
+def save_outputs(out: Path, metrics: dict) -> None:
+    checkpoint.write_atomic(out / "metrics.json", lambda h: h.write(json.dumps(metrics, indent=1).encode()))
+    try:
+        from .plot import plot_metrics
+
+        plot_metrics(metrics, out / "curves.png")
+    except Exception as error:  # noqa: BLE001 - a plotting problem must not kill training
+        print(f"warning: could not draw {out / 'curves.png'}: {error}")
+
+
+def check_resumable(state: dict, config: dict, path) -> None:
+    """The checkpoint must come from a run with the same group, data and method."""
+    saved = state["config"]
+    for key in ("archs", "method", "dataset", "image_size", "train_subset", "teacher_size", "num_classes"):
+        if saved.get(key) != config.get(key):
+            raise checkpoint.CheckpointError(
+                f"checkpoint {path} does not match this run: {key} was {saved.get(key)!r}, now {config.get(key)!r}"
+            )
+
+
+def run(args: argparse.Namespace) -> dict:
+    config = resolve(args)
+    out = Path(config["out"])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    elif config["device"] == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device(config["device"])
+
+    # ---- data: uint8 tensors on the device, augmented there in batches
+    dataset = load_dataset(
+        args.dataset, args.data_dir, args.download, args.image_size, args.train_subset, device,
+        log=lambda message: print(message, flush=True),
+    )
+    config.update(num_classes=dataset.num_classes, train_size=len(dataset.train_labels),
+                  test_size=len(dataset.test_labels))
+    data_generator = torch.Generator(device=device).manual_seed(args.seed)
+
+    # ---- the group: one model and one SGD optimizer per member
+    models = [build_model(arch, dataset.num_classes).to(device) for arch in config["archs"]]
+    optimizers = [
+        torch.optim.SGD(m.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+        for m in models
+    ]
+    step_config = StepConfig(
+        method=args.method, teacher_size=config["teacher_size"], temperature=args.temperature, alpha=args.alpha,
+        error_weight=args.error_weight, error_rule=args.error_rule, error_mixup=args.error_mixup,
+        mixup_alpha=args.mixup_alpha, refresh_teachers=args.refresh_teachers, rank_momentum=args.rank_momentum,
+        backend=args.backend,
+    )
+    group_step = GroupStep(models, optimizers, step_config, device, data_generator)
+
+    metrics = {"config": config, "epochs": [], "final": None}
+    start_epoch, best_accuracy = 0, -1.0
+    if args.resume:
+        path = out / "latest.pt" if args.resume == "latest" else Path(args.resume)
+        state = checkpoint.load(path)
+        check_resumable(state, config, path)
+        try:
+            for model, saved in zip(models, state["models"], strict=True):
+                model.load_state_dict(saved)
+            for optimizer, saved in zip(optimizers, state["optimizers"], strict=True):
+                optimizer.load_state_dict(saved)
+            group_step.scores.load_state_dict(state["scores"])
+            checkpoint.set_rng_state(state["rng"], data_generator)
+        except (RuntimeError, ValueError, KeyError, TypeError) as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise checkpoint.CheckpointError(f"checkpoint {path} does not fit these models: {first_line}") from None
+        start_epoch, best_accuracy = state["epoch"], state.get("best_ensemble_acc", -1.0)
+        metrics["epochs"] = state["metrics"]["epochs"]
+        print(f"resumed from {path} after epoch {start_epoch}")
+
+    names = ", ".join(f"{count} x {arch}" for arch, count in _runs(config["archs"]))
+    print(
+        f"{args.method} on {args.dataset} ({config['train_size']} train / {config['test_size']} test images, "
+        f"{dataset.num_classes} classes): {names} on {device}, loss backend {config['backend_used']}"
+        + (f", k = {config['teacher_size']} teachers" if args.method == "orc" else "")
+    )
+    show_bar = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
+    steps = steps_per_epoch(len(dataset.train_labels), args.batch_size)
+    last_epoch = min(args.epochs, args.stop_after) if args.stop_after else args.epochs
+
+    # ---- the training loop
+    for epoch in range(start_epoch, last_epoch):
+        for model in models:
+            model.train()
+        loss_sum = torch.zeros(len(models), device=device)
+        teacher_steps = torch.zeros(len(models), device=device)
+        bar = ProgressBar(show_bar, steps, f"epoch {epoch + 1}/{args.epochs}")
+        images_seen, started = 0, time.perf_counter()
+        for step, (images, labels) in enumerate(train_batches(dataset, args.batch_size, data_generator, args.augment)):
+            lr = learning_rate(config, epoch, step, steps)
+            for optimizer in optimizers:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+            result = group_step(images, labels)
+            loss_sum += result.losses
+            teacher_steps += result.roles
+            images_seen += len(labels)
+            bar.update(step + 1, images_seen)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_seconds = time.perf_counter() - started
+        bar.close()
+
+        evaluated = (epoch + 1) % args.eval_every == 0 or epoch + 1 == last_epoch
+        member_acc, ensemble_acc = evaluate(models, dataset, args.eval_batch_size) if evaluated else (None, None)
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": (loss_sum / steps).tolist(),
+            "test_acc": member_acc,
+            "ensemble_acc": ensemble_acc,
+            "teacher_fraction": (teacher_steps / steps).tolist(),
+            "images_per_s": images_seen / train_seconds,
+        }
+        metrics["epochs"].append(record)
+        if evaluated:
+            metrics["final"] = {"test_acc": member_acc, "ensemble_acc": ensemble_acc}
+
+        # ---- outputs: checkpoints (atomic), metrics.json, the plot, one summary line
+        out.mkdir(parents=True, exist_ok=True)
+        state = {
+            "epoch": epoch + 1, "config": config,
+            "models": [m.state_dict() for m in models], "optimizers": [o.state_dict() for o in optimizers],
+            "scores": group_step.scores.state_dict(), "rng": checkpoint.rng_state(data_generator),
+            "metrics": {"epochs": metrics["epochs"]},
+        }
+        is_best = evaluated and ensemble_acc > best_accuracy
+        if is_best:
+            best_accuracy = ensemble_acc
+        state["best_ensemble_acc"] = best_accuracy
+        checkpoint.save(out / "latest.pt", state)
+        if is_best:
+            checkpoint.save(out / "best.pt", state)
+        save_outputs(out, metrics)
+        accuracy = f"acc {percent(member_acc)}  ens {100 * ensemble_acc:5.2f}" if evaluated else "acc (not evaluated)"
+        teacher = "  teacher " + " ".join(f"{t:.2f}" for t in record["teacher_fraction"]) if args.method == "orc" else ""
+        print(
+            f"epoch {epoch + 1:3d}/{args.epochs}  loss " + " ".join(f"{v:.3f}" for v in record["train_loss"])
+            + f"  {accuracy}{teacher}  {record['images_per_s']:.0f} img/s  {train_seconds:.1f}s",
+            flush=True,
+        )
+
+    if metrics["final"] is None:
+        # Resumed a run that had already finished: report it without writing anything.
+        evaluated_epochs = [e for e in metrics["epochs"] if e["test_acc"] is not None]
+        if evaluated_epochs:
+            metrics["final"] = {"test_acc": evaluated_epochs[-1]["test_acc"],
+                                "ensemble_acc": evaluated_epochs[-1]["ensemble_acc"]}
+    if metrics["final"] is not None:
+        stopped = last_epoch < args.epochs
+        print(f"{'test accuracy after epoch ' + str(last_epoch) if stopped else 'final test accuracy'}"
+              f" ({args.method}, {args.dataset}):")
+        for i, (arch, acc) in enumerate(zip(config["archs"], metrics["final"]["test_acc"])):
+            print(f"  member {i} ({arch}): {100 * acc:.2f}%")
+        print(f"  ensemble: {100 * metrics['final']['ensemble_acc']:.2f}%")
+        print(f"outputs in {out}/ (metrics.json, latest.pt, best.pt, curves.png)")
+    return metrics
+
+
+def _runs(archs):
+    """Run-length groups of an arch list, for printing: [(arch, count), ...]."""
+    groups = []
+    for arch in archs:
+        if groups and groups[-1][0] == arch:
+            groups[-1][1] += 1
+        else:
+            groups.append([arch, 1])
+    return groups
+
+
+def main(argv=None) -> int:
+    try:
+        run(parse_args(argv))
+    except (UsageError, DataError, checkpoint.CheckpointError) as error:
+        message = " ".join(str(error).split())
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; continue with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
