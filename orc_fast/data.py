@@ -243,16 +243,21 @@ def class_balanced_subset(labels: torch.Tensor, size: int, num_classes: int, see
     generator = torch.Generator().manual_seed(seed)
     per_class = [torch.nonzero(labels == c).flatten() for c in range(num_classes)]
     per_class = [idx[torch.randperm(len(idx), generator=generator)] for idx in per_class]
-    quota = [0] * num_classes
-    remaining = min(size, len(labels))
-    # Hand out one slot per class in turn, skipping classes that ran out of samples.
-    while remaining > 0:
-        open_classes = [c for c in range(num_classes) if quota[c] < len(per_class[c])]
-        share, extra = divmod(remaining, len(open_classes))
-        for rank, c in enumerate(open_classes):
-            take = min(share + (1 if rank < extra else 0), len(per_class[c]) - quota[c])
-            quota[c] += take
-            remaining -= take
+    capacity = [len(idx) for idx in per_class]
+    quota = list(capacity)
+    remaining, open_classes = min(size, len(labels)), list(range(num_classes))
+    # Water-filling: classes smaller than the fair share give all they have; the others
+    # split the rest evenly, the first classes taking the remainder one each.
+    while open_classes:
+        share = remaining // len(open_classes)
+        small = [c for c in open_classes if capacity[c] <= share]
+        if not small:
+            extra = remaining - share * len(open_classes)
+            for rank, c in enumerate(open_classes):
+                quota[c] = share + (1 if rank < extra else 0)
+            break
+        remaining -= sum(capacity[c] for c in small)
+        open_classes = [c for c in open_classes if c not in small]
     chosen = torch.cat([per_class[c][: quota[c]] for c in range(num_classes)])
     return chosen.sort().values
 

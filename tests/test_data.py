@@ -1,0 +1,189 @@
+"""Datasets on the device: digits, ImageFolder with its decode cache, subsets, augmentation."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from orc_fast.data import (
+    DataError,
+    augment,
+    class_balanced_subset,
+    load_dataset,
+    normalize,
+    steps_per_epoch,
+    test_batches as eval_batches,
+    train_batches,
+)
+
+SHARED_CIFAR10 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ORC_FAST_CACHE", str(tmp_path / "cache"))
+
+
+def test_digits_is_embedded_upsampled_and_split_the_same_way_every_time():
+    data = load_dataset("digits")
+    assert data.train_images.shape == (1437, 3, 32, 32) and data.train_images.dtype == torch.uint8
+    assert data.test_images.shape == (360, 3, 32, 32)
+    assert data.classes == [str(c) for c in range(10)] and data.num_classes == 10
+    assert set(data.train_labels.tolist()) == set(range(10))
+    assert torch.equal(data.train_images[:, 0], data.train_images[:, 2])  # grey in 3 channels
+    assert not data.flip  # a mirrored digit is another glyph
+    again = load_dataset("digits")
+    assert torch.equal(again.test_labels, data.test_labels) and torch.equal(again.test_images, data.test_images)
+    assert load_dataset("digits", image_size=16).train_images.shape[-1] == 16
+
+
+def test_normalisation_statistics_come_from_the_training_images():
+    data = load_dataset("digits")
+    images = torch.cat([x for x, _ in eval_batches(data, 500)])
+    assert images.dtype == torch.float32
+    train = normalize(data.train_images, data.mean, data.std)
+    assert train.mean().abs() < 1e-3 and (train.std() - 1).abs() < 1e-2
+
+
+def test_augment_is_a_padded_crop_and_maybe_a_flip():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(1, 256, (16, 3, 8, 8), dtype=torch.uint8)
+    out = augment(images, generator, padding=2, flip=True)
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    flips = 0
+    for i in range(16):
+        candidates = [
+            (dy, dx, flip)
+            for dy in range(5) for dx in range(5) for flip in (False, True)
+            if torch.equal(out[i], (padded[i].flip(-1) if flip else padded[i])[:, dy:dy + 8, 4 - dx:12 - dx] if flip
+                           else padded[i][:, dy:dy + 8, dx:dx + 8])
+        ]
+        assert candidates, f"image {i} is not a crop of its padded self"
+        flips += any(flip for _, _, flip in candidates)
+    assert 0 < flips < 16
+    no_flip = augment(images, torch.Generator().manual_seed(1), padding=0, flip=False)
+    assert torch.equal(no_flip, images)
+
+
+def test_augment_is_reproducible_from_the_generator():
+    images = torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8)
+    a = augment(images, torch.Generator().manual_seed(3))
+    b = augment(images, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+def test_train_batches_cover_an_epoch_in_full_batches():
+    data = load_dataset("digits", train_subset=200)
+    generator = torch.Generator().manual_seed(0)
+    batches = list(train_batches(data, 64, generator))
+    assert len(batches) == steps_per_epoch(200, 64) == 3
+    labels = torch.cat([y for _, y in batches])
+    assert len(labels) == 192
+    assert all(x.shape == (64, 3, 32, 32) and x.dtype == torch.float32 for x, _ in batches)
+    assert steps_per_epoch(10, 64) == 1  # a tiny set still gets one (smaller) batch
+    assert len(list(train_batches(load_dataset("digits", train_subset=10), 64, generator))) == 1
+
+
+def test_class_balanced_subset():
+    labels = torch.tensor([0] * 50 + [1] * 50 + [2] * 5)
+    index = class_balanced_subset(labels, 31, 3)
+    assert len(index) == 31 and len(set(index.tolist())) == 31
+    assert torch.bincount(labels[index]).tolist() == [13, 13, 5]  # class 2 runs out; the rest share
+    assert torch.equal(index, class_balanced_subset(labels, 31, 3))  # the same for every run
+    assert torch.bincount(labels[class_balanced_subset(labels, 30, 3)]).tolist() == [13, 12, 5]
+    data = load_dataset("digits", train_subset=100)
+    assert torch.bincount(data.train_labels).tolist() == [10] * 10
+
+
+# ---------------------------------------------------------------------------- imagefolder
+
+
+def write_tree(root: Path, classes=("cat", "dog"), per_class=3, size=10, splits=("train", "test")):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for c in classes:
+            folder = root / split / c
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def test_imagefolder_loads_resizes_and_caches_outside_the_data(tmp_path):
+    root = write_tree(tmp_path / "data")
+    before = sorted(p for p in root.rglob("*"))
+    data = load_dataset("imagefolder", str(root), image_size=16, log=lambda m: None)
+    assert data.classes == ["cat", "dog"]
+    assert data.train_images.shape == (6, 3, 16, 16) and data.test_images.shape == (6, 3, 16, 16)
+    assert data.train_labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert sorted(p for p in root.rglob("*")) == before  # nothing written into the data folder
+    cached = list((tmp_path / "cache").glob("imagefolder-*.pt"))
+    assert len(cached) == 1
+    # The second load comes from the cache (log says nothing about decoding).
+    messages = []
+    again = load_dataset("imagefolder", str(root), image_size=16, log=messages.append)
+    assert not any("decoding" in m for m in messages)
+    assert torch.equal(again.train_images, data.train_images)
+    # A new image changes the directory's mtime and file count: a new cache entry.
+    write_tree(root, classes=("cat",), per_class=4)
+    os.utime(root / "train" / "cat", ns=(1, 10**18))
+    load_dataset("imagefolder", str(root), image_size=16, log=messages.append)
+    assert len(list((tmp_path / "cache").glob("imagefolder-*.pt"))) == 2
+
+
+def test_imagefolder_bad_trees(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset("imagefolder", str(tmp_path / "missing"))
+    with pytest.raises(DataError, match="needs --data-dir"):
+        load_dataset("imagefolder", None)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="no train/ folder"):
+        load_dataset("imagefolder", str(empty))
+    (empty / "train").mkdir()
+    (empty / "test").mkdir()
+    with pytest.raises(DataError, match="no class folders"):
+        load_dataset("imagefolder", str(empty))
+    mismatch = write_tree(tmp_path / "mismatch", splits=("train",))
+    write_tree(mismatch, classes=("cat", "bird"), splits=("test",))
+    with pytest.raises(DataError, match=r"test classes differ.*missing in test: \['dog'\].*not in train: \['bird'\]"):
+        load_dataset("imagefolder", str(mismatch))
+    hollow = write_tree(tmp_path / "hollow")
+    for f in (hollow / "test" / "dog").iterdir():
+        f.unlink()
+    with pytest.raises(DataError, match="without images: dog"):
+        load_dataset("imagefolder", str(hollow))
+    broken = write_tree(tmp_path / "broken")
+    (broken / "train" / "cat" / "0.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="cannot decode image"):
+        load_dataset("imagefolder", str(broken), log=lambda m: None)
+
+
+def test_other_bad_inputs(tmp_path):
+    with pytest.raises(DataError, match="unknown dataset"):
+        load_dataset("mnist")
+    with pytest.raises(DataError, match="needs --data-dir"):
+        load_dataset("cifar10", None)
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset("cifar100", str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match="not found"):
+        load_dataset("cifar10", str(tmp_path))  # no --download: nothing fetched
+    assert list(tmp_path.iterdir()) == [tmp_path / "cache"] or not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not SHARED_CIFAR10.is_dir(), reason="../shared/data/cifar10 is absent")
+def test_shared_cifar10_layout():
+    from orc_fast.data import _scan_imagefolder
+
+    classes, listing = _scan_imagefolder(SHARED_CIFAR10)
+    assert len(classes) == 10
+    assert sum(len(v) for v in listing["train"].values()) == 50000
+    assert sum(len(v) for v in listing["test"].values()) == 10000
