@@ -1,0 +1,213 @@
+"""python -m orc_fast.train end to end: outputs, resume, config files, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from orc_fast import checkpoint
+from orc_fast.train import build_parser, main, parse_args, resolve
+
+ROOT = Path(__file__).resolve().parents[1]
+# Small and quick: 2 members on 16x16 digits, 200 training images.
+FAST = ["--num-nets", "2", "--image-size", "16", "--train-subset", "200", "--batch-size", "50", "--threads", "1",
+        "--progress", "off"]
+
+
+def run_main(argv, capsys):
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_end_to_end_on_digits(tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "orc_fast.train", "--epochs", "1", "--train-subset", "300", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "epoch   1/1" in result.stdout
+    for i in range(4):
+        assert f"member {i} (resnet8):" in result.stdout
+    assert "ensemble:" in result.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"config", "epochs", "final"}
+    (epoch,) = metrics["epochs"]
+    # The issue's schema (other work may add keys, e.g. skipped_steps from --nan-policy).
+    assert {"epoch", "train_loss", "test_acc", "ensemble_acc", "teacher_fraction", "images_per_s"} <= set(epoch)
+    assert epoch["epoch"] == 1 and len(epoch["train_loss"]) == len(epoch["test_acc"]) == 4
+    assert all(0.0 <= a <= 1.0 for a in epoch["test_acc"]) and 0.0 <= epoch["ensemble_acc"] <= 1.0
+    assert sum(epoch["teacher_fraction"]) == pytest.approx(2.0)  # k = N // 2 teachers every step
+    assert epoch["images_per_s"] > 0
+    assert metrics["final"] == {"test_acc": epoch["test_acc"], "ensemble_acc": epoch["ensemble_acc"]}
+    assert metrics["config"]["archs"] == ["resnet8"] * 4 and metrics["config"]["method"] == "orc"
+    for name in ("latest.pt", "best.pt", "curves.png"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("method", ["orc", "independent", "dml", "ensemble"])
+def test_every_method_trains(tmp_path, capsys, method):
+    code, out, err = run_main(FAST + ["--method", method, "--epochs", "1", "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert len(metrics["final"]["test_acc"]) == 2
+    if method != "orc":
+        assert metrics["epochs"][0]["teacher_fraction"] == [0.0, 0.0]
+
+
+def comparable(metrics):
+    return [{k: v for k, v in e.items() if k != "images_per_s"} for e in metrics["epochs"]]
+
+
+def test_resume_continues_exactly(tmp_path, capsys):
+    common = FAST + ["--epochs", "2", "--rank-momentum", "0.5", "--error-mixup", "--seed", "3"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run_main(common + ["--out", str(straight)], capsys)[0] == 0
+    assert run_main(common + ["--out", str(split), "--stop-after", "1"], capsys)[0] == 0
+    assert len(json.loads((split / "metrics.json").read_text())["epochs"]) == 1
+    code, out, err = run_main(common + ["--out", str(split), "--resume"], capsys)
+    assert code == 0, err
+    assert "resumed from" in out
+    a = json.loads((straight / "metrics.json").read_text())
+    b = json.loads((split / "metrics.json").read_text())
+    assert comparable(a) == comparable(b)
+    assert a["final"] == b["final"]
+    state_a, state_b = checkpoint.load(straight / "latest.pt"), checkpoint.load(split / "latest.pt")
+    for model_a, model_b in zip(state_a["models"], state_b["models"]):
+        for key in model_a:
+            assert torch.equal(model_a[key], model_b[key]), key
+    # Resuming a finished run trains nothing and writes nothing.
+    mtime = (split / "latest.pt").stat().st_mtime_ns
+    assert run_main(common + ["--out", str(split), "--resume"], capsys)[0] == 0
+    assert (split / "latest.pt").stat().st_mtime_ns == mtime
+
+
+def test_config_file_and_cli_override(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("epochs: 7\nmethod: dml\narch: [resnet8, resnet14]\nerror_mixup: true\nmilestones: [3, 5]\n")
+    args = parse_args(["--config", str(config)])
+    assert (args.epochs, args.method, args.arch, args.error_mixup) == (7, "dml", "resnet8,resnet14", True)
+    assert resolve(args)["milestones"] == [3, 5]
+    args = parse_args(["--config", str(config), "--epochs", "2", "--no-error-mixup", "--method", "orc"])
+    assert (args.epochs, args.error_mixup, args.method) == (2, False, "orc")
+    resolved = resolve(args)
+    assert resolved["archs"] == ["resnet8", "resnet14"] and resolved["teacher_size"] == 1
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_presets_parse(preset):
+    config = resolve(parse_args(["--config", str(preset)]))
+    assert config["epochs"] >= 1 and config["archs"]
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    flags = [o for action in build_parser()._actions for o in action.option_strings if o.startswith("--")]
+    for flag in flags:
+        assert flag in text
+    for flag in ("--epochs", "--batch-size", "--lr", "--momentum", "--weight-decay", "--schedule", "--temperature",
+                 "--alpha", "--num-nets", "--teacher-size", "--device", "--seed", "--out", "--resume", "--config",
+                 "--method", "--arch", "--dataset", "--data-dir", "--download", "--train-subset", "--error-rule",
+                 "--error-weight", "--error-mixup", "--refresh-teachers", "--rank-momentum", "--backend"):
+        assert flag in flags
+
+
+def test_lr_schedules():
+    from orc_fast.train import learning_rate
+
+    step = {"schedule": "step", "lr": 0.1, "lr_decay": 0.1, "milestones": [150, 180, 210], "epochs": 240}
+    assert [round(learning_rate(step, e, 0, 10), 6) for e in (0, 149, 150, 180, 239)] == [0.1, 0.1, 0.01, 0.001, 0.0001]
+    cosine = {"schedule": "cosine", "lr": 0.1, "epochs": 10}
+    assert learning_rate(cosine, 0, 0, 10) == pytest.approx(0.1)
+    assert learning_rate(cosine, 5, 0, 10) == pytest.approx(0.05)
+    assert learning_rate(cosine, 9, 9, 10) < 0.001
+    assert resolve(parse_args(["--epochs", "240", "--schedule", "step"]))["milestones"] == [150, 180, 210]
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def previous_run(tmp_path_factory):
+    """An output folder with a finished run in it, to check nothing gets overwritten."""
+    out = tmp_path_factory.mktemp("previous")
+    assert main(FAST + ["--epochs", "1", "--out", str(out)]) == 0
+    return out
+
+
+def snapshot(folder: Path):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def bad_cases(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    mismatched = tmp_path / "mismatched"
+    for split, classes in (("train", ("a", "b")), ("test", ("a", "c"))):
+        for c in classes:
+            (mismatched / split / c).mkdir(parents=True)
+            (mismatched / split / c / "x.png").write_bytes(b"")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x80\x02 this is not a checkpoint")
+    truncated = tmp_path / "truncated.pt"
+    return {
+        "unknown arch": (["--arch", "resnet9"], "unknown arch resnet9"),
+        "unknown arch in a list": (["--arch", "resnet8,nope"], "unknown arch nope"),
+        "unknown dataset": (["--dataset", "mnist"], "invalid choice: 'mnist'"),
+        "unknown method": (["--method", "kd"], "invalid choice: 'kd'"),
+        "missing folder": (["--dataset", "imagefolder", "--data-dir", str(tmp_path / "nope")], "does not exist"),
+        "empty folder": (["--dataset", "imagefolder", "--data-dir", str(empty)], "has no train/ folder"),
+        "class mismatch": (["--dataset", "imagefolder", "--data-dir", str(mismatched)], "test classes differ"),
+        "teacher size 0": (["--teacher-size", "0"], "--teacher-size must lie in [1, N-1] = [1, 1]"),
+        "teacher size N": (["--num-nets", "4", "--teacher-size", "4"], "--teacher-size must lie in [1, N-1] = [1, 3]"),
+        "corrupt checkpoint": (["--resume", str(corrupt)], "is corrupt or not a checkpoint"),
+        "missing checkpoint": (["--resume", str(truncated)], "does not exist"),
+        "mismatched checkpoint": (["--arch", "resnet14", "--resume"], "does not match this run: archs"),
+        "bad number": (["--epochs", "zero"], "invalid int value"),
+        "bad config": (["--config", str(tmp_path / "none.yaml")], "cannot read --config"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["unknown arch", "unknown arch in a list", "unknown dataset", "unknown method", "missing folder", "empty folder",
+     "class mismatch", "teacher size 0", "teacher size N", "corrupt checkpoint", "missing checkpoint",
+     "mismatched checkpoint", "bad number", "bad config"],
+)
+def test_bad_input_is_one_line_exit_2_and_overwrites_nothing(case, previous_run, tmp_path, capsys):
+    argv, message = bad_cases(tmp_path)[case]
+    before = snapshot(previous_run)
+    try:
+        code = main(FAST + ["--epochs", "2", "--out", str(previous_run)] + argv)
+    except SystemExit as exit_info:  # argparse errors exit from inside
+        code = exit_info.code
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("python -m orc_fast.train: error: ")
+    assert message in lines[0]
+    assert snapshot(previous_run) == before
+
+
+def test_unknown_config_key_is_reported(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("epochs: 1\nlearning_rate: 0.1\n")
+    assert main(["--config", str(config)]) == 2
+    assert "unknown key 'learning_rate'" in capsys.readouterr().err
+    config.write_text("epochs: [1\n")
+    assert main(["--config", str(config)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    config.write_text("method: kd\n")
+    assert main(["--config", str(config)]) == 2
+    assert "bad value 'kd' for 'method'" in capsys.readouterr().err
