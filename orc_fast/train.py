@@ -89,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-dir", default=None, help="where cifar10/cifar100/imagefolder data lives")
     g.add_argument("--download", action=argparse.BooleanOptionalAction, default=False,
                    help="download cifar10/cifar100 into --data-dir if missing")
-    g.add_argument("--image-size", type=int, default=32, help="images are resized to this square size")
+    g.add_argument("--image-size", type=int, default=0,
+                   help="images are resized to this square size (0: 32, the CIFAR models' input; 16 for digits, "
+                   "whose 8x8 images gain nothing from more and train 4x faster)")
     g.add_argument("--train-subset", type=int, default=0,
                    help="train on a class-balanced subset of this many images (the same for every seed; 0: all)")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
@@ -228,6 +230,7 @@ def resolve(args: argparse.Namespace) -> dict:
         raise UsageError(str(error)) from None
     config = {k: v for k, v in vars(args).items() if k not in ("config", "resume", "progress")}
     config.update(
+        image_size=args.image_size or (16 if args.dataset == "digits" else 32),
         archs=archs, num_nets=num_nets, teacher_size=teacher_size, milestones=milestones,
         device=str(device), backend_used=backend, out=args.out or f"runs/{args.method}_{args.dataset}",
     )
@@ -327,7 +330,7 @@ def run(args: argparse.Namespace) -> dict:
 
     # ---- data: uint8 tensors on the device, augmented there in batches
     dataset = load_dataset(
-        args.dataset, args.data_dir, args.download, args.image_size, args.train_subset, device,
+        args.dataset, args.data_dir, args.download, config["image_size"], args.train_subset, device,
         log=lambda message: print(message, flush=True),
     )
     config.update(num_classes=dataset.num_classes, train_size=len(dataset.train_labels),
