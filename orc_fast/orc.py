@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .loss import group_kd
+from .strategies import make_strategy
 
 METHODS = ("orc", "independent", "dml", "ensemble")
 
@@ -265,6 +266,8 @@ class StepConfig:
     refresh_teachers: bool = False
     rank_momentum: float = 0.0
     backend: str = "auto"
+    strategy: str = "sequential"  # how members run: orc_fast/strategies.py
+    compile: bool = False  # torch.compile the members' forward (and so their backward)
 
 
 class StepOutput(NamedTuple):
@@ -276,7 +279,8 @@ class StepOutput(NamedTuple):
 class GroupStep:
     """One training step of the whole group: forwards, the method's losses, backward, steps.
 
-    Members are run one after another (the ``sequential`` strategy). The host never reads a
+    How the members run is the strategy's business (``config.strategy``: sequential, streams,
+    fused, auto; orc_fast/strategies.py), the mathematics is this class's. The host never reads a
     device value; the only host randomness is mixup's lambda (numpy's global generator,
     saved with the checkpoint).
     """
@@ -288,21 +292,37 @@ class GroupStep:
         self.generator = generator
         self.scores = ScoreTracker(len(self.models), config.rank_momentum, device)
         self.no_roles = torch.zeros(len(self.models), dtype=torch.float32, device=device)
+        self.strategy = make_strategy(config.strategy, self.models, self.optimizers, device, compile=config.compile)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.stack([model(images) for model in self.models])
+        return self.strategy.forward(images)
+
+    def local_roles(self, roles: torch.Tensor) -> torch.Tensor:
+        """The roles [N] of the members this process steps, in ``self.optimizers`` order: all
+        of them here; a member-parallel rank (orc_fast/distributed.py) keeps its block."""
+        return roles
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Every tensor a step changes: parameters, float buffers (batch-norm statistics)
+        and optimizer state. ``--nan-policy skip-step`` snapshots these to undo a step."""
+        tensors = [t for model in self.models for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+        for optimizer in self.optimizers:
+            tensors += [v for state in optimizer.state.values() for v in state.values()
+                        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() > 0]
+        return tensors
 
     def _zero_grad(self) -> None:
-        for optimizer in self.optimizers:
-            optimizer.zero_grad(set_to_none=True)
+        self.strategy.zero_grad()
 
     def _backward_and_step(self, total: torch.Tensor) -> None:
         self._zero_grad()
         total.backward()
-        for optimizer in self.optimizers:
-            optimizer.step()
+        self.strategy.step()
 
     def __call__(self, images: torch.Tensor, target: torch.Tensor) -> StepOutput:
+        return self.strategy.run(self._step, images, target)  # auto times whole steps here
+
+    def _step(self, images: torch.Tensor, target: torch.Tensor) -> StepOutput:
         cfg = self.config
         logits = self.forward(images)
         hyper = dict(temperature=cfg.temperature, alpha=cfg.alpha, backend=cfg.backend)
@@ -334,14 +354,12 @@ class GroupStep:
         before = orc_losses(logits, target, roles, mixed_ce=mixed_ce, **hyper)
         self._zero_grad()
         (roles * before.per_member).sum().backward(retain_graph=True)
-        for optimizer, role in zip(self.optimizers, roles):
-            masked_sgd_step(optimizer, role)
+        self.strategy.masked_step(self.local_roles(roles))
         with torch.no_grad(), preserved_buffers(self.models):
             refreshed = self.forward(images)
         after = orc_losses(logits, target, roles, teacher_logits=refreshed, **hyper)
         self._zero_grad()
         ((1.0 - roles) * after.per_member).sum().backward()
-        for optimizer, role in zip(self.optimizers, roles):
-            masked_sgd_step(optimizer, 1.0 - role)
+        self.strategy.masked_step(1.0 - self.local_roles(roles))
         per_member = roles * before.per_member.detach() + (1.0 - roles) * after.per_member.detach()
         return StepOutput(per_member, roles, before.error_mask)

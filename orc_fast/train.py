@@ -33,8 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .backends import BACKENDS, resolve_backend
+from .guard import NAN_POLICIES, NonFiniteGuard, NonFiniteLoss, start_momentum
 from .data import DATASETS, DataError, load_dataset, steps_per_epoch, test_batches, train_batches
 from .models import MODELS, build_model
 from .orc import METHODS, GroupStep, StepConfig
@@ -81,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rank-momentum", type=float, default=0.0,
                    help="rank members by an EMA of their batch CE with this momentum (0: this batch only)")
     g.add_argument("--backend", choices=BACKENDS, default="auto", help="group-KD loss backend")
+    g.add_argument("--nan-policy", choices=NAN_POLICIES, default="stop",
+                   help="a NaN/inf member loss: stop (error naming member and step; the last checkpoint stays the "
+                   "last good one) or skip-step (that group step updates no member; counted per epoch)")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=DATASETS, default="digits",
@@ -124,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-batch-size", type=int, default=1000)
     g.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
                    help="per-epoch progress bar on stderr (auto: when stderr is a terminal)")
+    g.add_argument("--dist-timeout", type=float, default=120.0,
+                   help="under torchrun: seconds a rank waits for the others in a collective before the run stops "
+                   "with an error (a dead or hung rank); must exceed the longest gap between steps")
     return p
 
 
@@ -208,6 +215,7 @@ def resolve(args: argparse.Namespace) -> dict:
         (args.stop_after >= 0, f"--stop-after must be >= 0, got {args.stop_after}"),
         (args.threads >= 0, f"--threads must be >= 0, got {args.threads}"),
         (args.train_subset >= 0, f"--train-subset must be >= 0, got {args.train_subset}"),
+        (args.dist_timeout > 0, f"--dist-timeout must be > 0, got {args.dist_timeout}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -248,16 +256,20 @@ def learning_rate(config: dict, epoch: int, step: int, steps: int) -> float:
 
 
 @torch.inference_mode()
-def evaluate(models, dataset, batch_size: int) -> tuple[list[float], float]:
-    """Top-1 of every member and of the group ensemble (mean softmax), as fractions."""
+def evaluate(models, dataset, batch_size: int, exchange=None) -> tuple[list[float], float]:
+    """Top-1 of every member and of the group ensemble (mean softmax), as fractions.
+
+    ``exchange`` (member-parallel runs) turns this rank's members' logits into the group's.
+    """
     for model in models:
         model.eval()
-    correct = torch.zeros(len(models), dtype=torch.long, device=dataset.test_labels.device)
-    ensemble_correct = torch.zeros((), dtype=torch.long, device=dataset.test_labels.device)
+    correct, ensemble_correct = 0, 0
     for images, labels in test_batches(dataset, batch_size):
         logits = torch.stack([model(images) for model in models]).float()
-        correct += (logits.argmax(-1) == labels).sum(1)
-        ensemble_correct += (logits.softmax(-1).mean(0).argmax(-1) == labels).sum()
+        if exchange is not None:
+            logits = exchange(logits)
+        correct = correct + (logits.argmax(-1) == labels).sum(1)
+        ensemble_correct = ensemble_correct + (logits.softmax(-1).mean(0).argmax(-1) == labels).sum()
     count = len(dataset.test_labels)
     return [c / count for c in correct.tolist()], ensemble_correct.item() / count
 
@@ -323,6 +335,8 @@ def run(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     elif config["device"] == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    # Under torchrun: join the process group; this rank's device and members (else a no-op).
+    placement = distributed.setup(args, config)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -338,9 +352,10 @@ def run(args: argparse.Namespace) -> dict:
     data_generator = torch.Generator(device=device).manual_seed(args.seed)
 
     # ---- the group: one model and one SGD optimizer per member
-    models = [build_model(arch, dataset.num_classes).to(device) for arch in config["archs"]]
+    models = placement.build_models(config["archs"], lambda arch: build_model(arch, dataset.num_classes), device)
     optimizers = [
-        torch.optim.SGD(m.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+        start_momentum(torch.optim.SGD(m.parameters(), lr=args.lr, momentum=args.momentum,
+                                       weight_decay=args.weight_decay))
         for m in models
     ]
     step_config = StepConfig(
@@ -349,13 +364,13 @@ def run(args: argparse.Namespace) -> dict:
         mixup_alpha=args.mixup_alpha, refresh_teachers=args.refresh_teachers, rank_momentum=args.rank_momentum,
         backend=args.backend,
     )
-    group_step = GroupStep(models, optimizers, step_config, device, data_generator)
+    group_step = placement.group_step(models, optimizers, step_config, device, data_generator)
+    guard = NonFiniteGuard(args.nan_policy, device, group_step.state_tensors)
 
     metrics = {"config": config, "epochs": [], "final": None}
     start_epoch, best_accuracy = 0, -1.0
     if args.resume:
-        path = out / "latest.pt" if args.resume == "latest" else Path(args.resume)
-        state = checkpoint.load(path)
+        path, state = placement.load_checkpoint(out, args.resume)
         check_resumable(state, config, path)
         try:
             for model, saved in zip(models, state["models"], strict=True):
@@ -377,6 +392,9 @@ def run(args: argparse.Namespace) -> dict:
         f"{dataset.num_classes} classes): {names} on {device}, loss backend {config['backend_used']}"
         + (f", k = {config['teacher_size']} teachers" if args.method == "orc" else "")
     )
+    if placement.describe():
+        print(placement.describe())
+    checkpoint.remove_stale_temps(out)  # what a crash in the middle of a save left behind
     show_bar = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
     steps = steps_per_epoch(len(dataset.train_labels), args.batch_size)
     last_epoch = min(args.epochs, args.stop_after) if args.stop_after else args.epochs
@@ -385,8 +403,8 @@ def run(args: argparse.Namespace) -> dict:
     for epoch in range(start_epoch, last_epoch):
         for model in models:
             model.train()
-        loss_sum = torch.zeros(len(models), device=device)
-        teacher_steps = torch.zeros(len(models), device=device)
+        loss_sum = torch.zeros(config["num_nets"], device=device)
+        teacher_steps = torch.zeros(config["num_nets"], device=device)
         bar = ProgressBar(show_bar, steps, f"epoch {epoch + 1}/{args.epochs}")
         images_seen, started = 0, time.perf_counter()
         for step, (images, labels) in enumerate(train_batches(dataset, args.batch_size, data_generator, args.augment)):
@@ -394,18 +412,22 @@ def run(args: argparse.Namespace) -> dict:
             for optimizer in optimizers:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
+            guard.before_step()
             result = group_step(images, labels)
+            guard.after_step(result.losses, epoch, step)
             loss_sum += result.losses
             teacher_steps += result.roles
             images_seen += len(labels)
             bar.update(step + 1, images_seen)
+        guard.flush()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         train_seconds = time.perf_counter() - started
         bar.close()
+        skipped = guard.take_skipped()
 
         evaluated = (epoch + 1) % args.eval_every == 0 or epoch + 1 == last_epoch
-        member_acc, ensemble_acc = evaluate(models, dataset, args.eval_batch_size) if evaluated else (None, None)
+        member_acc, ensemble_acc = evaluate(models, dataset, args.eval_batch_size, placement.exchange) if evaluated else (None, None)
         record = {
             "epoch": epoch + 1,
             "train_loss": (loss_sum / steps).tolist(),
@@ -413,6 +435,7 @@ def run(args: argparse.Namespace) -> dict:
             "ensemble_acc": ensemble_acc,
             "teacher_fraction": (teacher_steps / steps).tolist(),
             "images_per_s": images_seen / train_seconds,
+            "skipped_steps": skipped,
         }
         metrics["epochs"].append(record)
         if evaluated:
@@ -430,15 +453,15 @@ def run(args: argparse.Namespace) -> dict:
         if is_best:
             best_accuracy = ensemble_acc
         state["best_ensemble_acc"] = best_accuracy
-        checkpoint.save(out / "latest.pt", state)
-        if is_best:
-            checkpoint.save(out / "best.pt", state)
-        save_outputs(out, metrics)
+        placement.save_checkpoint(out, state, is_best)  # latest.pt (+ best.pt); per rank under torchrun
+        if placement.is_main:
+            save_outputs(out, metrics)
         accuracy = f"acc {percent(member_acc)}  ens {100 * ensemble_acc:5.2f}" if evaluated else "acc (not evaluated)"
         teacher = "  teacher " + " ".join(f"{t:.2f}" for t in record["teacher_fraction"]) if args.method == "orc" else ""
         print(
             f"epoch {epoch + 1:3d}/{args.epochs}  loss " + " ".join(f"{v:.3f}" for v in record["train_loss"])
-            + f"  {accuracy}{teacher}  {record['images_per_s']:.0f} img/s  {train_seconds:.1f}s",
+            + f"  {accuracy}{teacher}  {record['images_per_s']:.0f} img/s  {train_seconds:.1f}s"
+            + (f"  ({skipped} non-finite steps skipped)" if skipped else ""),
             flush=True,
         )
 
@@ -455,7 +478,8 @@ def run(args: argparse.Namespace) -> dict:
         for i, (arch, acc) in enumerate(zip(config["archs"], metrics["final"]["test_acc"])):
             print(f"  member {i} ({arch}): {100 * acc:.2f}%")
         print(f"  ensemble: {100 * metrics['final']['ensemble_acc']:.2f}%")
-        print(f"outputs in {out}/ (metrics.json, latest.pt, best.pt, curves.png)")
+        print(f"outputs in {out}/ (metrics.json, {placement.checkpoint_files}, curves.png)")
+    placement.close()
     return metrics
 
 
@@ -473,10 +497,16 @@ def _runs(archs):
 def main(argv=None) -> int:
     try:
         run(parse_args(argv))
-    except (UsageError, DataError, checkpoint.CheckpointError) as error:
+    except (UsageError, DataError, checkpoint.CheckpointError, distributed.LaunchError) as error:
         message = " ".join(str(error).split())
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return 2
+    except NonFiniteLoss as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 1
+    except distributed.GroupFailure as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted; continue with --resume", file=sys.stderr)
         return 130
