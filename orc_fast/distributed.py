@@ -22,7 +22,9 @@ complete set in force; older files are deleted only once a newer manifest is on 
 
 Failure: the process group has a timeout (``--dist-timeout``); a collective that loses a
 peer (connection closed, or nothing within the timeout) raises ``GroupFailure``, which
-the trainer reports in one line before exiting non-zero.
+the trainer reports in one line before exiting non-zero. (With NCCL a timed-out collective
+is caught by NCCL's watchdog, which ends the process instead.) torchrun then stops the
+other workers of the job.
 
 Without torchrun's environment (``RANK``/``WORLD_SIZE``) ``setup`` returns
 ``SingleProcess``, whose hooks do exactly what the trainer always did.

@@ -427,7 +427,9 @@ def run(args: argparse.Namespace) -> dict:
         skipped = guard.take_skipped()
 
         evaluated = (epoch + 1) % args.eval_every == 0 or epoch + 1 == last_epoch
-        member_acc, ensemble_acc = evaluate(models, dataset, args.eval_batch_size, placement.exchange) if evaluated else (None, None)
+        member_acc, ensemble_acc = (
+            evaluate(models, dataset, args.eval_batch_size, placement.exchange) if evaluated else (None, None)
+        )
         record = {
             "epoch": epoch + 1,
             "train_loss": (loss_sum / steps).tolist(),
