@@ -55,7 +55,8 @@ def _extension_is_fresh() -> bool:
     path = _extension_path()
     if path is None:
         return False
-    inputs = CUDA_SOURCES + glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "*.h"))
+    inputs = CUDA_SOURCES + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cuh"))
+    inputs += glob.glob(os.path.join(ROOT, "csrc", "*.cpp"))
     return all(os.path.getmtime(path) >= os.path.getmtime(source) for source in inputs)
 
 
