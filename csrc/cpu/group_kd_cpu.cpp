@@ -1,0 +1,198 @@
+// CPU implementation of orc_fast::group_kd_fused (DESIGN.md sections 3 and 4; issue 3).
+//
+// One pass over the logits per batch row, rows spread over threads with
+// at::parallel_for; the row kernel (group_kd_cpu_kernel.h) is built three times --
+// baseline (this file), AVX2 and AVX512 -- and the widest one the CPU supports (as
+// ATen sees it: at::get_cpu_capability(), which honours ATEN_CPU_CAPABILITY) is used.
+//
+// This file must stay first among the csrc/cpu sources (setup.py links them sorted):
+// when the linker merges an inline function defined in several of them, it keeps the
+// first copy, and the baseline one runs on every CPU.
+
+// The baseline kernel: ATen's vector types in their portable (DEFAULT) form.
+#define CPU_CAPABILITY DEFAULT
+#define ORC_FAST_ROW_KERNEL row_kernel_default_impl
+#include "group_kd_cpu_kernel.h"
+
+#include <ATen/EmptyTensor.h>
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/Allocator.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <string>
+#include <tuple>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace orc_fast::cpu {
+
+RowKernel row_kernel_default() { return &DEFAULT::row_kernel_default_impl; }
+
+namespace {
+
+// The gradient is as large as the student logits and freshly allocated on every call;
+// with 4 KiB pages, faulting it in (one kernel entry, memcg charge and page clear per
+// page) cost as much as the whole kernel at B=1024, C=32000. Large gradients are
+// therefore asked for in transparent huge pages, as c10's allocator does under
+// THP_MEM_ALLOC_ENABLE=1. Where THP is off, madvise is a no-op and nothing changes.
+struct HugePageAllocator final : c10::Allocator {
+  static constexpr size_t kHugePage = size_t{2} << 20;
+
+  static void release(void* data) { std::free(data); }
+
+  c10::DataPtr allocate(size_t nbytes) override {
+    void* data = nullptr;
+#if defined(__linux__)
+    const size_t rounded = (nbytes + kHugePage - 1) / kHugePage * kHugePage;
+    TORCH_CHECK(posix_memalign(&data, kHugePage, rounded) == 0, "group_kd_fused: out of memory allocating ",
+                nbytes, " bytes for the gradient");
+    madvise(data, rounded, MADV_HUGEPAGE);
+#else
+    data = std::malloc(nbytes);
+    TORCH_CHECK(data != nullptr || nbytes == 0, "group_kd_fused: out of memory allocating ", nbytes, " bytes");
+#endif
+    return {data, data, &release, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  c10::DeleterFnPtr raw_deleter() const override { return &release; }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+};
+
+at::Tensor empty_gradient(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  constexpr int64_t kHugePageThreshold = int64_t{8} << 20;  // bytes; smaller ones come from the heap
+  const int64_t nbytes = c10::multiply_integers(sizes) * static_cast<int64_t>(options.dtype().itemsize());
+  if (nbytes < kHugePageThreshold) return at::empty(sizes, options);
+  static HugePageAllocator allocator;
+  return at::detail::empty_generic(sizes, &allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   options.dtype().toScalarType(), std::nullopt);
+}
+
+RowKernel select_row_kernel() {
+  // Not cached: ATEN_CPU_CAPABILITY is read once by ATen, and this is a string compare.
+  const std::string capability = at::get_cpu_capability();
+  if (capability == "AVX512") {
+    if (RowKernel kernel = row_kernel_avx512()) return kernel;
+  }
+  if (capability == "AVX512" || capability == "AVX2") {
+    if (RowKernel kernel = row_kernel_avx2()) return kernel;
+  }
+  return row_kernel_default();
+}
+
+LogitType logit_type_of(const at::Tensor& logits) {
+  switch (logits.scalar_type()) {
+    case at::kFloat: return LogitType::Float;
+    case at::kHalf: return LogitType::Half;
+    case at::kBFloat16: return LogitType::BFloat16;
+    default: TORCH_CHECK(false, "group_kd_fused: logits must be float32, float16 or bfloat16, got ", logits.scalar_type());
+  }
+}
+
+void check_vector(const at::Tensor& tensor, const char* name, int64_t size) {
+  TORCH_CHECK(tensor.device().is_cpu(), "group_kd_fused: ", name, " must be a CPU tensor, got ", tensor.device());
+  TORCH_CHECK(tensor.scalar_type() == at::kFloat, "group_kd_fused: ", name, " must be float32, got ", tensor.scalar_type());
+  TORCH_CHECK(tensor.dim() == 1 && tensor.size(0) == size, "group_kd_fused: ", name, " must have shape [", size,
+              "], got ", tensor.sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_kd_fused_cpu(
+    const at::Tensor& student_in, const at::Tensor& teachers_in, const at::Tensor& target_in,
+    const at::Tensor& teacher_weights_in, const at::Tensor& alpha_in, const at::Tensor& error_members_in,
+    double temperature, int64_t ignore_index, int64_t error_rule) {
+  TORCH_CHECK(student_in.device().is_cpu() && teachers_in.device().is_cpu() && target_in.device().is_cpu(),
+              "group_kd_fused (CPU): student, teachers and target must be CPU tensors");
+  TORCH_CHECK(student_in.dim() == 3, "group_kd_fused: student must be [S, B, C], got ", student_in.sizes());
+  TORCH_CHECK(teachers_in.dim() == 3, "group_kd_fused: teachers must be [G, B, C], got ", teachers_in.sizes());
+  TORCH_CHECK(teachers_in.scalar_type() == student_in.scalar_type(), "group_kd_fused: teachers dtype ",
+              teachers_in.scalar_type(), " differs from student dtype ", student_in.scalar_type());
+  const LogitType logit_type = logit_type_of(student_in);
+  const int64_t S = student_in.size(0), B = student_in.size(1), C = student_in.size(2);
+  const int64_t G = teachers_in.size(0);
+  TORCH_CHECK(teachers_in.size(1) == B && teachers_in.size(2) == C, "group_kd_fused: teachers' [B, C] ",
+              teachers_in.sizes().slice(1), " does not match student's ", student_in.sizes().slice(1));
+  TORCH_CHECK(G >= 1, "group_kd_fused: need at least one teacher (G = 0)");
+  TORCH_CHECK(C >= 1, "group_kd_fused: need at least one class (C = 0)");
+  TORCH_CHECK(target_in.scalar_type() == at::kLong && target_in.dim() == 1 && target_in.size(0) == B,
+              "group_kd_fused: target must be int64 [", B, "], got ", target_in.scalar_type(), " ", target_in.sizes());
+  check_vector(teacher_weights_in, "teacher_weights", G);
+  check_vector(alpha_in, "alpha", S);
+  check_vector(error_members_in, "error_members", S);
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, "group_kd_fused: temperature must be finite and > 0, got ",
+              temperature);
+  TORCH_CHECK(error_rule >= 0 && error_rule <= 3, "group_kd_fused: error_rule must be 0..3, got ", error_rule);
+
+  // The kernel walks rows with their own strides but needs unit stride along classes.
+  const at::Tensor student = (student_in.stride(2) == 1 || C == 1) ? student_in : student_in.contiguous();
+  const at::Tensor teachers = (teachers_in.stride(2) == 1 || C == 1) ? teachers_in : teachers_in.contiguous();
+  const at::Tensor target = target_in.contiguous();
+  const at::Tensor teacher_weights = teacher_weights_in.contiguous();
+  const at::Tensor alpha = alpha_in.contiguous();
+  const at::Tensor error_members = error_members_in.contiguous();
+
+  const auto per_sample_options = student.options().dtype(at::kFloat);
+  at::Tensor loss = at::empty({S, B}, per_sample_options);
+  at::Tensor kl = at::empty({S, B}, per_sample_options);
+  at::Tensor ce = at::empty({S, B}, per_sample_options);
+  at::Tensor student_correct = at::empty({S, B}, student.options().dtype(at::kBool));
+  at::Tensor teacher_correct = at::empty({G, B}, student.options().dtype(at::kBool));
+  at::Tensor error_mask = at::empty({B}, student.options().dtype(at::kBool));
+  at::Tensor grad = empty_gradient({S, B, C}, student.options());
+  if (B == 0) {
+    return {loss, kl, ce, student_correct, teacher_correct, error_mask, grad};
+  }
+
+  GroupKDParams params{};
+  params.student = student.data_ptr();
+  params.student_stride_s = student.stride(0);
+  params.student_stride_b = student.stride(1);
+  params.teachers = teachers.data_ptr();
+  params.teacher_stride_g = teachers.stride(0);
+  params.teacher_stride_b = teachers.stride(1);
+  params.target = target.data_ptr<int64_t>();
+  params.teacher_weights = teacher_weights.data_ptr<float>();
+  params.alpha = alpha.data_ptr<float>();
+  params.error_members = error_members.data_ptr<float>();
+  params.temperature = temperature;
+  params.ignore_index = ignore_index;
+  params.error_rule = error_rule;
+  params.num_students = S;
+  params.num_teachers = G;
+  params.batch = B;
+  params.num_classes = C;
+  params.logit_type = logit_type;
+  params.loss = loss.data_ptr<float>();
+  params.kl = kl.data_ptr<float>();
+  params.ce = ce.data_ptr<float>();
+  params.student_correct = student_correct.data_ptr<bool>();
+  params.teacher_correct = teacher_correct.data_ptr<bool>();
+  params.error_mask = error_mask.data_ptr<bool>();
+  params.grad = grad.data_ptr();
+
+  const RowKernel kernel = select_row_kernel();
+  // Enough logits per task that waking a thread pays off (~32k logits, a few microseconds).
+  const int64_t logits_per_row = (S + G) * C;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / logits_per_row);
+  at::parallel_for(0, B, grain, [&](int64_t row_begin, int64_t row_end) {
+    at::Tensor scratch = at::empty({scratch_floats(C)}, per_sample_options);
+    kernel(params, row_begin, row_end, scratch.data_ptr<float>());
+  });
+  return {loss, kl, ce, student_correct, teacher_correct, error_mask, grad};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(orc_fast, CPU, m) {
+  m.impl("group_kd_fused", &group_kd_fused_cpu);
+}
+
+}  // namespace orc_fast::cpu
