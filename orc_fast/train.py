@@ -51,6 +51,15 @@ class UsageError(ValueError):
 # ============================================================================ command line
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except where there is none or the help already says it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, like every other input error here
         print(f"{PROG}: error: {message}", file=sys.stderr)
@@ -58,7 +67,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--config", metavar="FILE", help="YAML file of flag values (keys as flag names); CLI flags override it")
 
     g = p.add_argument_group("method")
