@@ -3,11 +3,14 @@
 csrc/cuda/group_kd_cuda_kernel.cuh is compiled with g++ through tests/cuda_emulator/
 emulate.cpp (every CUDA thread an OS thread, barriers for __syncthreads/__syncwarp and
 the warp shuffles, NaN-filled shared memory) and run on small shapes for each thread
-group (warp, 256- and 512-thread blocks), scalar and 16-byte-vector paths, fp32/fp16/
+group (a warp, blocks of 64 threads -- cheap to emulate, the same code as the GPU's 256
+and 512 -- and of 256 and 512), scalar and 16-byte-vector paths, fp32/fp16/
 bf16, every error rule, more students than one register tile, strided rows and the
 special values (ignore_index, -inf classes, ±1e4, NaN/inf rows, out-of-range targets).
-It checks logic, not the GPU's fast-math rounding or timing: tests/test_gpu_kernels.py
-does that on a GPU.
+The sm_90 cluster kernel (a row split over the blocks of a thread-block cluster, which
+swap statistics through distributed shared memory) runs with its blocks together. It
+checks logic, not the GPU's fast-math rounding or timing: tests/test_gpu_kernels.py does
+that on a GPU.
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ def emulator(tmp_path_factory):
     return lib
 
 
-def _launch(lib, student, teachers, target, weights, alpha, members, temperature, rule, group, vectorised):
+def _launch(lib, student, teachers, target, weights, alpha, members, temperature, rule, group, vectorised,
+            cluster_size=0):
     S, B, C = student.shape
     G = teachers.shape[0]
     outputs = dict(
@@ -63,6 +67,7 @@ def _launch(lib, student, teachers, target, weights, alpha, members, temperature
         ctypes.c_int(S), ctypes.c_int(G), ctypes.c_int(C), i64(B),
         *(p(outputs[name].data_ptr()) for name in NAMES),
         ctypes.c_int(DTYPES[student.dtype]), ctypes.c_int(group), ctypes.c_int(int(vectorised)),
+        ctypes.c_int(cluster_size),
     )
     assert status == 0
     return outputs
@@ -116,10 +121,10 @@ def _check(got, want, dtype):
                                msg=lambda m: f"grad: {m}")
 
 
-def _case(emulator, gen, S, G, B, C, dtype, group, temperature=4.0, rule=0, vectorise=True):
+def _case(emulator, gen, S, G, B, C, dtype, group, temperature=4.0, rule=0, vectorise=True, cluster_size=0):
     inputs = _inputs(gen, S, G, B, C, dtype)
     vectorised = vectorise and _aligned(inputs[0], inputs[1], torch.empty(S, B, C, dtype=dtype))
-    got = _launch(emulator, *inputs, temperature, rule, group, vectorised)
+    got = _launch(emulator, *inputs, temperature, rule, group, vectorised, cluster_size)
     _check(got, _truth(*inputs, temperature, rule), dtype)
     return vectorised
 
@@ -132,11 +137,11 @@ CASES = [
     (3, 2, 10, 100, torch.float32, 32, 4.0, 2),
     (2, 2, 9, 104, torch.bfloat16, 32, 1.0, 3),
     (6, 2, 9, 40, torch.float16, 32, 4.0, 3),
-    (2, 2, 3, 1000, torch.float32, 256, 4.0, 0),
+    (2, 2, 3, 1000, torch.float32, 64, 4.0, 0),
     (1, 4, 3, 1024, torch.bfloat16, 256, 2.0, 3),
-    (5, 3, 2, 333, torch.float16, 256, 4.0, 2),
+    (5, 3, 2, 333, torch.float16, 64, 4.0, 2),
     (2, 1, 2, 4097, torch.float32, 512, 4.0, 1),
-    (1, 2, 2, 4096, torch.bfloat16, 512, 4.0, 0),
+    (1, 2, 2, 4096, torch.bfloat16, 64, 4.0, 0),
 ]
 
 
@@ -146,12 +151,45 @@ def test_matches_float64(emulator, generator, S, G, B, C, dtype, group, temperat
     _case(emulator, generator, S, G, B, C, dtype, group, temperature, rule, vectorise)
 
 
+# The cluster kernel (sm_90, large rows): a row split over 2..4 blocks, slices that are
+# uneven, a block with no vector at all, the scalar tail on the last block.
+SPLIT_CASES = [
+    (1, 4, 3, 1000, torch.bfloat16, 256, 4.0, 0, 2),
+    (2, 2, 3, 4097, torch.float32, 64, 2.0, 3, 3),
+    (6, 3, 2, 777, torch.float16, 64, 4.0, 3, 4),
+    (3, 1, 2, 2048, torch.float32, 512, 1.0, 2, 2),
+    (1, 1, 3, 9, torch.float32, 64, 4.0, 1, 4),
+]
+
+
+@pytest.mark.parametrize("S,G,B,C,dtype,group,temperature,rule,cluster_size", SPLIT_CASES)
+@pytest.mark.parametrize("vectorise", [True, False], ids=["vector", "scalar"])
+def test_cluster_split_matches_float64(emulator, generator, S, G, B, C, dtype, group, temperature, rule,
+                                       cluster_size, vectorise):
+    _case(emulator, generator, S, G, B, C, dtype, group, temperature, rule, vectorise, cluster_size)
+
+
 def test_vector_path_is_exercised(emulator, generator):
     assert _case(emulator, generator, 2, 2, 4, 64, torch.bfloat16, 32)
-    assert _case(emulator, generator, 1, 2, 2, 2048, torch.float32, 256)
+    assert _case(emulator, generator, 1, 2, 2, 2048, torch.float32, 64)
 
 
-@pytest.mark.parametrize("group", [32, 256])
+@pytest.mark.parametrize("group,cluster_size", [(32, 0), (64, 0), (64, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vectors_with_a_scalar_tail(emulator, generator, group, cluster_size, dtype):
+    """Aligned rows whose C is no multiple of the vector: vectors, then a scalar tail."""
+    G, C = 2, 1001
+    student = (torch.randn(1, 1, C, generator=generator) * 3).to(dtype)
+    teachers = (torch.randn(G, 1, 1008, generator=generator) * 3).to(dtype)[..., :C]  # padded rows
+    target = torch.tensor([C - 1])  # in the tail
+    inputs = (student, teachers, target, torch.full((G,), 1 / G), torch.tensor([0.4]), torch.ones(1))
+    assert _aligned(student, teachers, torch.empty(1, 1, C, dtype=dtype))
+    for rule in (0, 3):
+        got = _launch(emulator, *inputs, 2.0, rule, group, True, cluster_size)
+        _check(got, _truth(*inputs, 2.0, rule), dtype)
+
+
+@pytest.mark.parametrize("group", [32, 64])
 def test_strided_rows(emulator, generator, group):
     S, G, B, C = 2, 3, 5, 37
     student = (torch.randn(B, S, C + 9, generator=generator) * 3).transpose(0, 1)[..., 2:C + 2]
@@ -162,8 +200,8 @@ def test_strided_rows(emulator, generator, group):
     _check(got, _truth(*inputs, 4.0, 0), torch.float32)
 
 
-@pytest.mark.parametrize("group,C", [(32, 64), (256, 1024)])
-def test_special_values(emulator, generator, group, C):
+@pytest.mark.parametrize("group,C,cluster_size", [(32, 64, 0), (64, 1024, 0), (64, 1024, 3)])
+def test_special_values(emulator, generator, group, C, cluster_size):
     S, G, B = 2, 2, 10
     student, teachers, target, weights, alpha, members = _inputs(generator, S, G, B, C, torch.float32,
                                                                  ignore_fraction=0)
@@ -176,7 +214,7 @@ def test_special_values(emulator, generator, group, C):
     target[0] = IGNORE
     student[1, 0, 5] = math.nan  # an ignored row is never read
     inputs = (student, teachers, target, weights, alpha, members)
-    clean = _launch(emulator, *inputs, 4.0, 0, group, True)
+    clean = _launch(emulator, *inputs, 4.0, 0, group, True, cluster_size)
     student[1, 0, 5] = 0.0
     _check(clean, _truth(*inputs, 4.0, 0), torch.float32)
     assert torch.isfinite(clean["loss"]).all() and (clean["grad"][:, 0] == 0).all()
@@ -185,7 +223,7 @@ def test_special_values(emulator, generator, group, C):
     student[0, 3, C // 3] = math.inf
     teachers[1, 5, C - 1] = math.nan
     target[7], target[8] = C, -3
-    got = _launch(emulator, student, teachers, target, weights, alpha, members, 4.0, 0, group, True)
+    got = _launch(emulator, student, teachers, target, weights, alpha, members, 4.0, 0, group, True, cluster_size)
     spoiled = torch.zeros(S, B, dtype=torch.bool)
     spoiled[1, 2] = spoiled[0, 3] = True
     spoiled[:, 5] = spoiled[:, 7] = spoiled[:, 8] = True
@@ -206,7 +244,7 @@ def test_nan_and_tie_argmax_follow_torch(emulator, generator):
     student[0, 2, 10] = student[0, 2, 30] = 50.0  # a tie: the first index
     student[0, 3, 0] = student[0, 3, 39] = 50.0
     target = student[0].argmax(-1)
-    for group in (32, 256):
+    for group, cluster_size in ((32, 0), (64, 0), (64, 3)):
         got = _launch(emulator, student, student.clone(), target, torch.ones(G), torch.full((S,), 0.5), torch.ones(S),
-                      4.0, 0, group, False)
+                      4.0, 0, group, False, cluster_size)
         assert got["student_correct"].all() and got["teacher_correct"].all()

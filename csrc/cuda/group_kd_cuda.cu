@@ -12,6 +12,10 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <string>
 #include <tuple>
 
 #include "group_kd_cuda_kernel.cuh"
@@ -40,9 +44,114 @@ void launch_aligned_or_not(const Params& params, bool aligned, size_t shared_byt
   }
 }
 
+// ---- a cluster per row (sm_90, large rows) ----
+
+constexpr int kSplitGroup = 512;                   // threads of one block of a cluster
+constexpr int64_t kSplitMinRowBytes = 256 * 1024;  // below this one block per row stays in L2
+constexpr int64_t kSliceBytes = 64 * 1024;         // logits of one block's slice, all networks
+constexpr int kMaxClusterSize = 8;                 // the portable cluster size limit
+
+// Blocks per row for the cluster kernel, 0 for one thread group per row.
+// ORC_FAST_CUDA_SPLIT=0 turns the cluster kernel off, =k (2..8) forces k blocks a row.
+int split_cluster_size(int64_t row_bytes, int vectors) {
+  const char* setting = std::getenv("ORC_FAST_CUDA_SPLIT");
+  if (setting != nullptr && std::string(setting) == "0") return 0;
+  int size = 0;
+  if (setting != nullptr && std::atoi(setting) >= 2) {
+    size = std::atoi(setting);
+  } else if (row_bytes >= kSplitMinRowBytes) {
+    size = static_cast<int>((row_bytes + kSliceBytes - 1) / kSliceBytes);
+  }
+  size = std::min(size, kMaxClusterSize);
+  size = std::min(size, vectors);  // every block gets at least one vector
+  return size >= 2 ? size : 0;
+}
+
+template <typename T, int kVec>
+cudaLaunchConfig_t split_config(const Params& params, int cluster_size, cudaStream_t stream,
+                                cudaLaunchAttribute* attribute) {
+  const int S = params.num_students, G = params.num_teachers;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(params.batch * cluster_size));
+  config.blockDim = dim3(kSplitGroup);
+  config.dynamicSmemBytes =
+      sizeof(float) * (scratch_words<kSplitGroup>() + slot_words(S, G) + split_extra_words(S, G));
+  config.stream = stream;
+  attribute->id = cudaLaunchAttributeClusterDimension;
+  attribute->val.clusterDim.x = cluster_size;
+  attribute->val.clusterDim.y = 1;
+  attribute->val.clusterDim.z = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  return config;
+}
+
+// Can clusters of this size run this kernel here? Asked once per device and shape class.
+template <typename T, int kVec>
+bool split_fits(const Params& params, int cluster_size, int device, cudaStream_t stream) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, int, int, int, int>, bool> known;
+  const size_t shared = sizeof(float) * (scratch_words<kSplitGroup>() + slot_words(params.num_students,
+                                                                                     params.num_teachers) +
+                                         split_extra_words(params.num_students, params.num_teachers));
+  if (shared > 48 * 1024) return false;
+  const auto key = std::make_tuple(device, cluster_size, static_cast<int>(shared / 1024),
+                                   static_cast<int>(sizeof(T)), kVec);
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto found = known.find(key);
+  if (found != known.end()) return found->second;
+  cudaLaunchAttribute attribute;
+  cudaLaunchConfig_t config = split_config<T, kVec>(params, cluster_size, stream, &attribute);
+  config.gridDim = dim3(static_cast<unsigned>(cluster_size));
+  int clusters = 0;
+  const cudaError_t status =
+      cudaOccupancyMaxActiveClusters(&clusters, group_kd_split_kernel<T, kSplitGroup, kVec>, &config);
+  if (status != cudaSuccess) (void)cudaGetLastError();  // clear it: fall back to one block a row
+  const bool fits = status == cudaSuccess && clusters > 0;
+  known[key] = fits;
+  return fits;
+}
+
+template <typename T, int kVec>
+void launch_split(const Params& params, int cluster_size, cudaStream_t stream) {
+  TORCH_CHECK(params.batch * cluster_size <= INT_MAX, "group_kd_fused (CUDA): batch too large for one launch: ",
+              params.batch);
+  cudaLaunchAttribute attribute;
+  const cudaLaunchConfig_t config = split_config<T, kVec>(params, cluster_size, stream, &attribute);
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, group_kd_split_kernel<T, kSplitGroup, kVec>, params, cluster_size));
+}
+
+// Compute capability major of a device, cached (no sync).
+int capability_major(int device) {
+  static std::mutex mutex;
+  static std::map<int, int> known;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto found = known.find(device);
+  if (found != known.end()) return found->second;
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  known[device] = major;
+  return major;
+}
+
 template <typename T>
-void dispatch(const Params& params, bool aligned, cudaStream_t stream) {
+void dispatch(const Params& params, bool aligned, int device, cudaStream_t stream) {
   const int S = params.num_students, G = params.num_teachers, C = params.num_classes;
+  // Large rows on sm_90: a cluster of blocks per row (see group_kd_split_kernel).
+  if (capability_major(device) >= 9) {
+    const int vec = aligned ? static_cast<int>(16 / sizeof(T)) : 1;
+    const int cluster_size = split_cluster_size(static_cast<int64_t>(S + G) * C * sizeof(T), C / vec);
+    if (cluster_size >= 2) {
+      if (aligned && split_fits<T, static_cast<int>(16 / sizeof(T))>(params, cluster_size, device, stream)) {
+        launch_split<T, static_cast<int>(16 / sizeof(T))>(params, cluster_size, stream);
+        return;
+      }
+      if (!aligned && split_fits<T, 1>(params, cluster_size, device, stream)) {
+        launch_split<T, 1>(params, cluster_size, stream);
+        return;
+      }
+    }
+  }
   auto shared_bytes = [&](int group) {
     const int threads = group == 32 ? 256 : group;
     const int scratch = group == 32 ? 0 : (group / 32) * kStatWords;
@@ -157,9 +266,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const bool aligned = rows_aligned(student) && rows_aligned(teachers) && rows_aligned(grad);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   switch (dtype) {
-    case at::kFloat: dispatch<float>(params, aligned, stream); break;
-    case at::kHalf: dispatch<__half>(params, aligned, stream); break;
-    default: dispatch<__nv_bfloat16>(params, aligned, stream); break;
+    case at::kFloat: dispatch<float>(params, aligned, device.index(), stream); break;
+    case at::kHalf: dispatch<__half>(params, aligned, device.index(), stream); break;
+    default: dispatch<__nv_bfloat16>(params, aligned, device.index(), stream); break;
   }
   return {loss, kl, ce, student_correct, teacher_correct, error_mask, grad};
 }

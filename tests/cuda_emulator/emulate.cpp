@@ -8,6 +8,9 @@
 // read of a slot nobody wrote shows. The fast-math intrinsics become their accurate
 // libm versions, so only the logic is checked here, not the GPU's rounding.
 //
+// Thread-block clusters (the split kernel) run their blocks together, with a barrier over
+// the cluster and each block's shared memory reachable from the others.
+//
 // Built and driven by tests/test_cuda_emulated.py through ctypes (run_group_kd below).
 
 #include <barrier>
@@ -101,7 +104,24 @@ struct BlockContext {
 };
 thread_local BlockContext* current_block = nullptr;
 
+// A cluster of blocks that run together (sm_90 thread-block clusters).
+struct ClusterContext {
+  ClusterContext(int blocks, int threads, size_t shared_words) : barrier(blocks * threads) {
+    for (int b = 0; b < blocks; ++b) members.push_back(std::make_unique<BlockContext>(threads, shared_words));
+  }
+  std::barrier<> barrier;
+  std::vector<std::unique_ptr<BlockContext>> members;
+};
+thread_local ClusterContext* current_cluster = nullptr;
+thread_local int current_cluster_rank = 0;
+
 inline float* emulated_shared_memory() { return current_block->shared.data(); }
+inline void cluster_sync() { current_cluster->barrier.arrive_and_wait(); }
+inline unsigned cluster_rank() { return static_cast<unsigned>(current_cluster_rank); }
+inline float* cluster_shared(float* address, int rank) {
+  const std::ptrdiff_t offset = address - current_block->shared.data();
+  return current_cluster->members[rank]->shared.data() + offset;
+}
 inline void __syncthreads() { current_block->block.arrive_and_wait(); }
 inline void __syncwarp() { current_block->warps[threadIdx.x / 32]->arrive_and_wait(); }
 
@@ -146,21 +166,58 @@ void emulate_launch(const kernels::Params& params) {
   }
 }
 
+// The cluster kernel: one cluster of `cluster_size` blocks per row, clusters one after another.
+template <typename T, int kGroup, int kVec>
+void emulate_split_launch(const kernels::Params& params, int cluster_size) {
+  const size_t shared_words = kernels::scratch_words<kGroup>() +
+                              kernels::slot_words(params.num_students, params.num_teachers) +
+                              kernels::split_extra_words(params.num_students, params.num_teachers);
+  for (int64_t row = 0; row < params.batch; ++row) {
+    ClusterContext cluster(cluster_size, kGroup, shared_words);
+    std::vector<std::thread> workers;
+    workers.reserve(static_cast<size_t>(cluster_size) * kGroup);
+    for (int rank = 0; rank < cluster_size; ++rank) {
+      for (int t = 0; t < kGroup; ++t) {
+        workers.emplace_back([&, rank, t] {
+          threadIdx.x = t;
+          blockIdx.x = static_cast<unsigned>(row * cluster_size + rank);
+          current_block = cluster.members[rank].get();
+          current_cluster = &cluster;
+          current_cluster_rank = rank;
+          kernels::group_kd_split_kernel<T, kGroup, kVec>(params, cluster_size);
+        });
+      }
+    }
+    for (auto& worker : workers) worker.join();
+  }
+}
+
 template <typename T, int kGroup>
-void emulate_vec(const kernels::Params& params, bool vectorised) {
-  if (vectorised) {
-    emulate_launch<T, kGroup, static_cast<int>(16 / sizeof(T))>(params);
+void emulate_vec(const kernels::Params& params, bool vectorised, int cluster_size) {
+  constexpr int kVec = static_cast<int>(16 / sizeof(T));
+  if (cluster_size > 0) {
+    if (vectorised) {
+      emulate_split_launch<T, kGroup, kVec>(params, cluster_size);
+    } else {
+      emulate_split_launch<T, kGroup, 1>(params, cluster_size);
+    }
+  } else if (vectorised) {
+    emulate_launch<T, kGroup, kVec>(params);
   } else {
     emulate_launch<T, kGroup, 1>(params);
   }
 }
 
 template <typename T>
-int emulate_group(const kernels::Params& params, int group, bool vectorised) {
+int emulate_group(const kernels::Params& params, int group, bool vectorised, int cluster_size) {
   switch (group) {
-    case 32: emulate_vec<T, 32>(params, vectorised); return 0;
-    case 256: emulate_vec<T, 256>(params, vectorised); return 0;
-    case 512: emulate_vec<T, 512>(params, vectorised); return 0;
+    case 32:
+      if (cluster_size > 0) return 1;  // cluster blocks are whole thread groups
+      emulate_vec<T, 32>(params, vectorised, 0);
+      return 0;
+    case 64: emulate_vec<T, 64>(params, vectorised, cluster_size); return 0;  // two warps: cheap to emulate
+    case 256: emulate_vec<T, 256>(params, vectorised, cluster_size); return 0;
+    case 512: emulate_vec<T, 512>(params, vectorised, cluster_size); return 0;
     default: return 1;
   }
 }
@@ -171,7 +228,7 @@ extern "C" int run_group_kd(const void* student, int64_t student_stride_s, int64
                             const float* error_members, float temperature, int64_t ignore_index, int error_rule,
                             int num_students, int num_teachers, int num_classes, int64_t batch, float* loss,
                             float* kl, float* ce, bool* student_correct, bool* teacher_correct, bool* error_mask,
-                            void* grad, int dtype, int group, int vectorised) {
+                            void* grad, int dtype, int group, int vectorised, int cluster_size) {
   kernels::Params p{};
   p.student = student;
   p.student_stride_s = student_stride_s;
@@ -199,9 +256,9 @@ extern "C" int run_group_kd(const void* student, int64_t student_stride_s, int64
   p.error_mask = error_mask;
   p.grad = grad;
   switch (dtype) {
-    case 0: return emulate_group<float>(p, group, vectorised != 0);
-    case 1: return emulate_group<__half>(p, group, vectorised != 0);
-    case 2: return emulate_group<__nv_bfloat16>(p, group, vectorised != 0);
+    case 0: return emulate_group<float>(p, group, vectorised != 0, cluster_size);
+    case 1: return emulate_group<__half>(p, group, vectorised != 0, cluster_size);
+    case 2: return emulate_group<__nv_bfloat16>(p, group, vectorised != 0, cluster_size);
     default: return 2;
   }
 }
