@@ -9,7 +9,8 @@ Rows per shape (S, G, B, C):
 * ``reference-eager`` / ``reference-compiled``: orc_fast.reference.group_kd_math + the
   mean, plain PyTorch autograd, eager and through torch.compile;
 * ``triton`` / ``cuda``: the fused backends through the public ``group_kd`` (``validate``
-  off: no host sync, as inside a compiled training step);
+  off: no host sync, as inside a compiled training step); ``cuda-rows`` is the CUDA
+  backend with its sm_90 cluster kernel off (ORC_FAST_CUDA_SPLIT=0: one block a row);
 * ``liger-kl`` / ``liger-kd`` where S = G = 1 and liger-kernel is installed:
   ``LigerKLDIVLoss`` alone on log-probabilities and probabilities made beforehand (less
   work than ours), and the whole Hinton KD loss from logits with Liger's cross entropy
@@ -62,7 +63,7 @@ SHAPES = [
     (1, 4, 8192, 128256, torch.bfloat16),
     (1, 1, 16384, 131072, torch.float32),
 ]
-BACKENDS = ["reference-eager", "reference-compiled", "triton", "cuda", "liger-kl", "liger-kd"]
+BACKENDS = ["reference-eager", "reference-compiled", "triton", "cuda", "cuda-rows", "liger-kl", "liger-kd"]
 
 ROWS: list[dict] = []  # one per (shape, backend), in run order
 CONTEXT: dict = {}
@@ -174,6 +175,10 @@ def _make_step(backend: str, student, teachers, target):
 
 
 def _skip_reason(backend: str, shape) -> str | None:
+    if backend == "cuda-rows":
+        if shape[3] < 32000:
+            return "the same kernel as cuda below LLM vocabularies"
+        return unavailable_reason("cuda", torch.device("cuda"))
     if backend in ("triton", "cuda"):
         return unavailable_reason(backend, torch.device("cuda"))
     if backend.startswith("liger"):
@@ -243,16 +248,18 @@ def _report(request):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=_label)
-def test_loss_gpu(benchmark, shape, backend):
+def test_loss_gpu(benchmark, monkeypatch, shape, backend):
     reason = _skip_reason(backend, shape)
     if reason:
         pytest.skip(reason)
+    if backend == "cuda-rows":
+        monkeypatch.setenv("ORC_FAST_CUDA_SPLIT", "0")
     torch.cuda.empty_cache()
     row = dict(shape=_label(shape), backend=backend, model_bytes=_model_bytes(shape))
     ROWS.append(row)
     try:
         student, teachers, target = _inputs(shape)
-        step, forward_op = _make_step(backend, student, teachers, target)
+        step, forward_op = _make_step("cuda" if backend == "cuda-rows" else backend, student, teachers, target)
         step()  # compile / autotune / first-touch, not timed
         torch.cuda.synchronize()
         held = torch.cuda.memory_allocated()

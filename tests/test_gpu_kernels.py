@@ -14,6 +14,7 @@ backend, torch.library.opcheck, and a tensor of more than 2**31 elements.
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -24,19 +25,27 @@ from orc_fast.reference import group_kd_math
 
 pytestmark = pytest.mark.gpu
 
-GPU_BACKENDS = ("triton", "cuda")
+# cuda runs its default dispatch; cuda-rows forces one thread group per row and
+# cuda-cluster a 4-block thread-block cluster per row (sm_90) whatever the row size.
+GPU_BACKENDS = ("triton", "cuda", "cuda-rows", "cuda-cluster")
+CUDA_SPLIT_SETTING = {"cuda-rows": "0", "cuda-cluster": "4"}
 IGNORE = -100
 NAMES = ("loss", "kl", "ce", "student_correct", "teacher_correct", "error_mask", "grad")
 
 
 @pytest.fixture(params=GPU_BACKENDS)
-def backend(request):
+def backend(request, monkeypatch):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    reason = unavailable_reason(request.param, torch.device("cuda"))
+    name = "cuda" if request.param.startswith("cuda") else request.param
+    reason = unavailable_reason(name, torch.device("cuda"))
     if reason:
-        pytest.fail(f"GPU backend {request.param} is unavailable on this GPU machine: {reason}")
-    return request.param
+        pytest.fail(f"GPU backend {name} is unavailable on this GPU machine: {reason}")
+    if request.param in CUDA_SPLIT_SETTING:
+        if request.param == "cuda-cluster" and torch.cuda.get_device_capability()[0] < 9:
+            pytest.skip("thread-block clusters need sm_90")
+        monkeypatch.setenv("ORC_FAST_CUDA_SPLIT", CUDA_SPLIT_SETTING[request.param])
+    return name
 
 
 def _poison_allocator():
@@ -205,6 +214,23 @@ def test_opcheck(backend):
     torch.library.opcheck(op_for(backend), args)
 
 
+def test_cluster_and_row_kernels_agree(monkeypatch):
+    """The CUDA backend's two kernels give the same results on an LLM-sized row."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("needs an sm_90 GPU")
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    inputs = _inputs(gen, 1, 4, 32, 128256, torch.bfloat16)
+    monkeypatch.delenv("ORC_FAST_CUDA_SPLIT", raising=False)
+    auto = _run("cuda", inputs, 4.0, 3)  # the cluster kernel: a 1.3 MB row
+    monkeypatch.setenv("ORC_FAST_CUDA_SPLIT", "0")
+    rows = _run("cuda", inputs, 4.0, 3)
+    for name in ("loss", "kl", "ce"):
+        torch.testing.assert_close(auto[name], rows[name], rtol=1e-5, atol=1e-5)
+    for name in ("student_correct", "teacher_correct", "error_mask"):
+        assert torch.equal(auto[name], rows[name])
+    torch.testing.assert_close(auto["grad"].float(), rows["grad"].float(), rtol=1e-2, atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_training_step_triton(dtype):
     """torch.compile(fullgraph=True) traces a training step through the Triton op."""
@@ -233,6 +259,8 @@ def test_compiled_training_step_triton(dtype):
 
 
 def test_more_than_2_31_elements(backend):
+    if backend == "cuda" and os.environ.get("ORC_FAST_CUDA_SPLIT") == "4":
+        pytest.skip("the cluster kernel's offsets are the row kernel's: covered by cuda and cuda-rows")
     """S = G = 1, B = 17000, C = 131072 bf16: 2.2e9 elements per tensor, 64-bit offsets."""
     B, C = 17000, 131072
     free, _ = torch.cuda.mem_get_info()
