@@ -201,6 +201,12 @@ def fusion_problem(models, optimizers) -> str | None:
     return None
 
 
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.device.type == "meta":  # no memory, nothing to keep in sync
+        return True
+    return a.data_ptr() == b.data_ptr()
+
+
 class _Subgroup:
     """Members of one architecture, stacked: the wide model and its bookkeeping."""
 
@@ -214,21 +220,23 @@ class _Subgroup:
         # The same structure with no storage: functional_call only needs its code.
         self.base = copy.deepcopy(self.members[0]).to("meta")
         self.params, self.buffers = stack_module_state(self.members)
-        self._bind()
+        self._bind(first=True)
 
     def member_tensors(self, i: int, names, kind: str):
         getter = self.members[i].get_parameter if kind == "param" else self.members[i].get_buffer
         return [getter(name) for name in names]
 
-    def _bind(self) -> None:
-        """Point every member tensor at its row of the stacked tensor (no copy from then on)."""
+    def _bind(self, first: bool = False) -> None:
+        """Point every member tensor at its row of the stacked tensor (no copy from then on);
+        later calls re-point only a tensor that was moved elsewhere meanwhile."""
         with torch.no_grad():
             for names, stacked, kind in ((self.param_names, self.params, "param"), (self.buffer_names, self.buffers, "buffer")):
                 for i in range(len(self.members)):
                     for name, tensor in zip(names, self.member_tensors(i, names, kind)):
                         row = stacked[name].detach()[i]
-                        if tensor.data_ptr() != row.data_ptr():  # re-pointed elsewhere meanwhile
-                            row.copy_(tensor)
+                        if first or not _same_memory(tensor, row):
+                            if not first:
+                                row.copy_(tensor)
                             tensor.data = row
 
     def forward_fn(self):
@@ -260,6 +268,7 @@ class FusedStrategy(SequentialStrategy):
             raise ValueError(f"strategy fused: {problem}")
         self.compile = compile
         self.groups: list[_Subgroup] | None = None  # built at the first step (after any --resume)
+        self.optimizer: torch.optim.SGD | None = None
         self.singles = [g[0] for g in fusable_subgroups(self.models) if len(g) == 1]
         self.member_forwards = [_compiled(self.models[i]) if compile else self.models[i] for i in range(len(self.models))]
 
@@ -311,7 +320,7 @@ class FusedStrategy(SequentialStrategy):
                     for i, member_buffer in enumerate(member_buffers):
                         if member_buffer is None:
                             buffer[i].zero_()
-                        elif member_buffer.data_ptr() != buffer[i].data_ptr():
+                        elif not _same_memory(member_buffer, buffer[i]):
                             buffer[i].copy_(member_buffer)
         self._linked = {}
         self._link_momentum()

@@ -39,6 +39,7 @@ from .guard import NAN_POLICIES, NonFiniteGuard, NonFiniteLoss, start_momentum
 from .data import DATASETS, DataError, load_dataset, steps_per_epoch, test_batches, train_batches
 from .models import MODELS, build_model
 from .orc import METHODS, GroupStep, StepConfig
+from .strategies import STRATEGIES, CudaGraphStep
 from .reference import ERROR_RULES
 
 PROG = "python -m orc_fast.train"
@@ -124,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1, ...")
+    g.add_argument("--strategy", choices=STRATEGIES, default="sequential",
+                   help="how each step runs the members (same mathematics): sequential; streams (one CUDA stream "
+                   "each; sequential on CPU); fused (same-architecture members as one wide model, torch.func); "
+                   "auto (times a few real steps of each, keeps the fastest)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the members' forward (and so their backward); the first steps compile")
+    g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
+                   help="capture the whole group step in a CUDA graph after 3 warm-up steps (CUDA only)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch (0: half the cores on a CPU run: small convolutions gain little "
@@ -241,6 +250,10 @@ def resolve(args: argparse.Namespace) -> dict:
         raise UsageError(f"unknown --device {args.device!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device} asked for, but CUDA is not available here")
+    if args.cuda_graphs and device.type != "cuda":
+        raise UsageError(f"--cuda-graphs needs a CUDA device; this run is on {device}")
+    if args.cuda_graphs and args.error_mixup:
+        raise UsageError("--cuda-graphs cannot capture --error-mixup (its mixing weight is drawn on the host each step)")
     try:
         backend = resolve_backend(args.backend, device)
     except Exception as error:  # noqa: BLE001 - unavailable backend is a usage problem
@@ -371,9 +384,10 @@ def run(args: argparse.Namespace) -> dict:
         method=args.method, teacher_size=config["teacher_size"], temperature=args.temperature, alpha=args.alpha,
         error_weight=args.error_weight, error_rule=args.error_rule, error_mixup=args.error_mixup,
         mixup_alpha=args.mixup_alpha, refresh_teachers=args.refresh_teachers, rank_momentum=args.rank_momentum,
-        backend=args.backend,
+        backend=args.backend, strategy=args.strategy, compile=args.compile,
     )
     group_step = placement.group_step(models, optimizers, step_config, device, data_generator)
+    run_step = CudaGraphStep(group_step) if args.cuda_graphs else group_step
     guard = NonFiniteGuard(args.nan_policy, device, group_step.state_tensors)
 
     metrics = {"config": config, "epochs": [], "final": None}
@@ -422,7 +436,7 @@ def run(args: argparse.Namespace) -> dict:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
             guard.before_step()
-            result = group_step(images, labels)
+            result = run_step(images, labels)
             guard.after_step(result.losses, epoch, step)
             loss_sum += result.losses
             teacher_steps += result.roles
@@ -447,6 +461,7 @@ def run(args: argparse.Namespace) -> dict:
             "teacher_fraction": (teacher_steps / steps).tolist(),
             "images_per_s": images_seen / train_seconds,
             "skipped_steps": skipped,
+            "strategy": group_step.strategy.chosen,
         }
         metrics["epochs"].append(record)
         if evaluated:
