@@ -314,8 +314,10 @@ def group_kd_triton_launch(student, teachers, target, teacher_weights, alpha, er
                            temperature: float, ignore_index: int, error_rule: int,
                            block_c: int | None = None, rows: int | None = None, num_warps: int | None = None):
     """Allocate the outputs and launch the kernel (the op's body; tests call it to pick tiles)."""
-    num_students, batch, num_classes = student.shape
-    num_teachers = teachers.shape[0]
+    # Tile shapes are Python ints: under torch.compile with dynamic shapes this specialises
+    # (guards) on S, G, B and C instead of failing on symbolic sizes.
+    num_students, batch, num_classes = (int(size) for size in student.shape)
+    num_teachers = int(teachers.shape[0])
     if num_classes >= _NAN_FREE:
         raise ValueError(f"the Triton group-KD kernel supports C < 2**30, got C = {num_classes}")
     device = student.device

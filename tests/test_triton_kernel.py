@@ -355,8 +355,11 @@ for case in sys.argv[1:]:
 def test_kernel_compiles_for_gpu():
     """Triton's real compiler and ptxas accept the kernel for sm_80 and sm_90 (no GPU needed).
 
-    Runs in a fresh process: this one may have Triton in interpreter mode.
+    Runs in a fresh process: this one may have Triton in interpreter mode. On a GPU
+    machine the real launches compile the kernel anyway (and its Triton may differ).
     """
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the kernel is compiled by every launch")
     import subprocess
     import sys
 
