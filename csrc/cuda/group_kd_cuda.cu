@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <climits>
 #include <cmath>
 #include <cstdint>
@@ -49,10 +50,11 @@ void launch_aligned_or_not(const Params& params, bool aligned, size_t shared_byt
 constexpr int kSplitGroup = 512;                   // threads of one block of a cluster
 constexpr int64_t kSplitMinRowBytes = 256 * 1024;  // below this one block per row stays in L2
 constexpr int64_t kSliceBytes = 64 * 1024;         // logits of one block's slice, all networks
-constexpr int kMaxClusterSize = 8;                 // the portable cluster size limit
+constexpr int kPortableClusterSize = 8;            // every sm_90 part runs clusters of 8
+constexpr int kMaxClusterSize = 16;                // H100/H200 run 16 when allowed (asked first)
 
 // Blocks per row for the cluster kernel, 0 for one thread group per row.
-// ORC_FAST_CUDA_SPLIT=0 turns the cluster kernel off, =k (2..8) forces k blocks a row.
+// ORC_FAST_CUDA_SPLIT=0 turns the cluster kernel off, =k (2..16) forces k blocks a row.
 int split_cluster_size(int64_t row_bytes, int vectors) {
   const char* setting = std::getenv("ORC_FAST_CUDA_SPLIT");
   if (setting != nullptr && std::string(setting) == "0") return 0;
@@ -100,6 +102,15 @@ bool split_fits(const Params& params, int cluster_size, int device, cudaStream_t
   const std::lock_guard<std::mutex> lock(mutex);
   const auto found = known.find(key);
   if (found != known.end()) return found->second;
+  if (cluster_size > kPortableClusterSize) {
+    const cudaError_t allowed = cudaFuncSetAttribute(group_kd_split_kernel<T, kSplitGroup, kVec>,
+                                                     cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+    if (allowed != cudaSuccess) {
+      (void)cudaGetLastError();
+      known[key] = false;
+      return false;
+    }
+  }
   cudaLaunchAttribute attribute;
   cudaLaunchConfig_t config = split_config<T, kVec>(params, cluster_size, stream, &attribute);
   config.gridDim = dim3(static_cast<unsigned>(cluster_size));
@@ -140,10 +151,17 @@ void dispatch(const Params& params, bool aligned, int device, cudaStream_t strea
   // Large rows on sm_90: a cluster of blocks per row (see group_kd_split_kernel).
   if (capability_major(device) >= 9) {
     const int vec = aligned ? static_cast<int>(16 / sizeof(T)) : 1;
-    const int cluster_size = split_cluster_size(static_cast<int64_t>(S + G) * C * sizeof(T), C / vec);
+    int cluster_size = split_cluster_size(static_cast<int64_t>(S + G) * C * sizeof(T), C / vec);
+    constexpr int kVec = static_cast<int>(16 / sizeof(T));
+    // A non-portable size the device refuses falls back to the portable one.
+    if (cluster_size > kPortableClusterSize &&
+        !(aligned ? split_fits<T, kVec>(params, cluster_size, device, stream)
+                  : split_fits<T, 1>(params, cluster_size, device, stream))) {
+      cluster_size = kPortableClusterSize;
+    }
     if (cluster_size >= 2) {
-      if (aligned && split_fits<T, static_cast<int>(16 / sizeof(T))>(params, cluster_size, device, stream)) {
-        launch_split<T, static_cast<int>(16 / sizeof(T))>(params, cluster_size, stream);
+      if (aligned && split_fits<T, kVec>(params, cluster_size, device, stream)) {
+        launch_split<T, kVec>(params, cluster_size, stream);
         return;
       }
       if (!aligned && split_fits<T, 1>(params, cluster_size, device, stream)) {
