@@ -1,15 +1,18 @@
 """Shared test set-up.
 
-Triton kernels run on the CPU through the interpreter, which must be switched on before
-Triton compiles anything, so it is set here, first.
+Without a GPU, Triton kernels run on the CPU through the interpreter, which must be
+switched on before Triton compiles anything, so it is set here, first. With a GPU the
+real compiler runs (the GPU tests need it).
 """
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 import orc_fast  # noqa: E402
 
