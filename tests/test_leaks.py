@@ -51,3 +51,26 @@ def test_loss_calls_keep_memory_flat(backend):
     before, after = map(int, run.stdout.split())
     growth = (after - before) / before
     assert growth < 0.05, f"RSS grew {growth:.1%} over {calls} calls ({before} -> {after} bytes)"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_memory_returns_to_start(backend):
+    """After many loss calls and their backward, the CUDA allocator holds what it held before."""
+    import torch
+
+    import orc_fast
+
+    if backend not in orc_fast.available_backends("cuda"):
+        pytest.skip(f"{backend} is not built here")
+    criterion = orc_fast.GroupKDLoss(backend=backend)
+    target = torch.randint(0, 1000, (256,), device="cuda")
+    teachers = torch.randn(2, 256, 1000, device="cuda")
+    torch.cuda.synchronize()
+    start = torch.cuda.memory_allocated()
+    for _ in range(2000):
+        student = torch.randn(2, 256, 1000, device="cuda", requires_grad=True)
+        criterion(student, teachers, target).backward()
+        del student
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == start
