@@ -9,9 +9,11 @@ rows when a GPU is present. The data share is the time of the trainer's on-devic
     .venv/bin/python -m pytest benchmarks/bench_train.py --benchmark-only \\
         --benchmark-columns=median,iqr,rounds -p no:cacheprovider [-k cpu | -k cuda]
 
-The table at the end gives images/s and the ratio to sequential eager *in the same run*
-(timings from different runs or machines are not comparable; DESIGN.md section 7).
-``ORC_FAST_BENCH_TABLE=file.md`` also writes it to a file. ``auto`` is timed after its
+The variants of one group are timed round-robin (see ``test_group_step``). The table at the
+end gives images/s and the ratio to sequential eager *in the same rounds*, from each
+variant's fastest round (robust to a shared machine's load spikes; medians shown too);
+timings from different runs or machines are not comparable (DESIGN.md section 7).
+``ORC_FAST_BENCH_TABLE=file.md`` also writes it to a file. ``auto`` is timed after its own
 measurement steps (those run untimed first, like a warm-up), with the strategy it chose.
 """
 
@@ -39,7 +41,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # The trainer's default on CPU: half the cores (ORC_FAST_BENCH_THREADS overrides).
 CPU_THREADS = int(os.environ.get("ORC_FAST_BENCH_THREADS", 0)) or max(1, (os.cpu_count() or 2) // 2)
 
-# (device, group, strategy, compile) -> (median step seconds, strategy that ran)
+# (device, group, strategy, flag) -> (fastest step s, median step s, strategy that ran, auto's own timings)
 RESULTS: dict = {}
 DATA_SECONDS: dict = {}
 
@@ -107,79 +109,95 @@ def test_data_batch(benchmark, device):
     DATA_SECONDS[device] = benchmark.stats.stats.median
 
 
-@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compile"])
-@pytest.mark.parametrize("strategy", STRATEGIES)
+def variants(device):
+    """(strategy, flag) pairs timed on ``device``; flag is eager, compile, graphs, graphs+compile."""
+    flags = ["eager", "compile"] + (["graphs", "graphs+compile"] if device == "cuda" else [])
+    return [(strategy, flag) for strategy in STRATEGIES for flag in flags]
+
+
+def build_variant(device, archs, strategy, flag):
+    """(callable step, GroupStep): the step warmed up, auto decided, a CUDA graph captured."""
+    from orc_fast.strategies import CudaGraphStep
+
+    group_step = make_group_step(device, archs, strategy, compile="compile" in flag)
+    step = CudaGraphStep(group_step) if "graphs" in flag else group_step
+    return step, group_step
+
+
+def warm_up(step, group_step, batches, minimum: int):
+    # Compile, allocator, cuDNN autotuning, auto's own measurement steps (it keeps its
+    # choice afterwards) and the CUDA-graph capture all happen here, untimed.
+    done = 0
+    while done < minimum or not group_step.strategy.ready or getattr(step, "graph", True) is None:
+        step(*next(batches))
+        done += 1
+
+
 @pytest.mark.parametrize("group", GROUPS)
 @pytest.mark.parametrize("device", DEVICES)
-def test_group_step(benchmark, device, group, strategy, compile):
+def test_group_step(benchmark, device, group):
+    """Every strategy x compile (x CUDA graphs) of one group, timed round-robin.
+
+    Each benchmark round runs every variant once (CUDA: 10 steps) and times each on its
+    own; interleaving makes a change of machine load hit every variant alike, so the
+    ratios to sequential eager hold on a shared machine. pytest-benchmark's figure is the
+    whole round; the per-variant times go to the table and to extra_info.
+    """
     if device == "cpu":
         torch.set_num_threads(CPU_THREADS)
     batches = endless_batches(synthetic_cifar100(device), device)
-    step = make_group_step(device, GROUPS[group], strategy, compile)
-    # Warm-up outside the timing: compile, allocator, cuDNN autotuning, and auto's own
-    # measurement steps (it keeps its choice afterwards).
-    warmup = 2 if compile or device == "cuda" else 1
-    while warmup > 0 or not getattr(step.strategy, "ready", True):
-        step(*next(batches))
-        warmup -= 1
+    steps = {}
+    for strategy, flag in variants(device):
+        step, group_step = build_variant(device, GROUPS[group], strategy, flag)
+        warm_up(step, group_step, batches, minimum=1 if flag == "eager" and device == "cpu" else 3)
+        steps[(strategy, flag)] = (step, group_step)
     sync(device)
+    x, y = next(batches)
     iterations = 1 if device == "cpu" else 10
-    x, y = next(batches)
+    times = {key: [] for key in steps}
 
-    def group_step():
-        for _ in range(iterations):
-            step(x, y)
-        sync(device)
+    def one_round():
+        for key, (step, _) in steps.items():
+            sync(device)
+            started = time.perf_counter()
+            for _ in range(iterations):
+                step(x, y)
+            sync(device)
+            times[key].append((time.perf_counter() - started) / iterations)
 
-    rounds = 3 if device == "cpu" else 10
-    benchmark.pedantic(group_step, rounds=rounds, iterations=1, warmup_rounds=0)
-    median = benchmark.stats.stats.median / iterations
-    RESULTS[(device, group, strategy, compile)] = (median, step.strategy.chosen)
-    benchmark.extra_info.update(images_per_s=BATCH / median, ran=step.strategy.chosen)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compile"])
-@pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("group", GROUPS)
-def test_group_step_cuda_graphs(benchmark, group, strategy, compile):
-    """The same step captured whole in a CUDA graph (--cuda-graphs)."""
-    from orc_fast.strategies import CudaGraphStep
-
-    batches = endless_batches(synthetic_cifar100("cuda"), "cuda")
-    group_step = make_group_step("cuda", GROUPS[group], strategy, compile)
-    step = CudaGraphStep(group_step)
-    while step.graph is None:  # warm-up steps, auto's measurement, then the capture
-        step(*next(batches))
-    torch.cuda.synchronize()
-    x, y = next(batches)
-
-    def replays():
-        for _ in range(10):
-            step(x, y)
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(replays, rounds=10, iterations=1, warmup_rounds=1)
-    median = benchmark.stats.stats.median / 10
-    RESULTS[("cuda", group, strategy, "graphs+compile" if compile else "graphs")] = (median, group_step.strategy.chosen)
+    benchmark.pedantic(one_round, rounds=5 if device == "cpu" else 10, iterations=1, warmup_rounds=1)
+    for (strategy, flag), (_, group_step) in steps.items():
+        samples = times[(strategy, flag)][1:]  # the warm-up round is not counted
+        RESULTS[(device, group, strategy, flag)] = (min(samples), statistics.median(samples), group_step.strategy.chosen,
+                                                    getattr(group_step.strategy, "measured", {}))
+    benchmark.extra_info.update({f"{s}/{f}": RESULTS[(device, group, s, f)][0] for s, f in steps})
 
 
 def results_table() -> str:
     if not RESULTS:
         return ""
     lines = [
-        "| device | group | strategy | compile / graphs | ran | step ms (median) | images/s | vs sequential eager | data share |",
-        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: |",
+        "| device | group | strategy | compile / graphs | ran | step ms (fastest) | step ms (median) | images/s "
+        "| vs sequential eager | data share |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for (device, group, strategy, compile), (median, ran) in RESULTS.items():
-        baseline = RESULTS.get((device, group, "sequential", False))
-        ratio = f"{baseline[0] / median:.2f}x" if baseline else "n/a"
+    auto_lines = []
+    for (device, group, strategy, flag), (fastest, median, ran, measured) in RESULTS.items():
+        baseline = RESULTS[(device, group, "sequential", "eager")]
         data = DATA_SECONDS.get(device)
-        share = f"{100 * data / (data + median):.1f}%" if data else "n/a"
+        share = f"{100 * data / (data + fastest):.1f}%" if data else "n/a"
         lines.append(
-            f"| {device} | {group} | {strategy} | {compile if isinstance(compile, str) else ('yes' if compile else 'no')} | {ran} | {median * 1e3:.0f} | "
-            f"{BATCH / median:.0f} | {ratio} | {share} |"
+            f"| {device} | {group} | {strategy} | {flag} | {ran} | {fastest * 1e3:.1f} | {median * 1e3:.1f} | "
+            f"{BATCH / fastest:.0f} | {baseline[0] / fastest:.2f}x | {share} |"
         )
+        if strategy == "auto":
+            own = ", ".join(f"{name} {seconds * 1e3:.1f}" for name, seconds in measured.items()) or \
+                "nothing to measure: only sequential applies"
+            auto_lines.append(f"| {device} | {group} | {flag} | {ran} | {own} | {baseline[0] / fastest:.2f}x / "
+                              f"{baseline[1] / median:.2f}x |")
+    lines += ["", "auto: what it measured on its first steps (best step, ms) and what it chose",
+              "", "| device | group | compile / graphs | chose | measured | vs sequential eager (fastest / median) |",
+              "| --- | --- | --- | --- | --- | ---: |", *auto_lines]
     if DATA_SECONDS:
         lines.append("")
         lines.append("data batch (gather + crop/flip + normalise, 128 images): " + ", ".join(

@@ -311,9 +311,10 @@ class FusedStrategy(SequentialStrategy):
                     stacked = group.params[name]
                     member_buffers = [opt.state.get(p, {}).get("momentum_buffer") for opt, p in
                                       zip(group.optimizers, self._member_params(group, name))]
-                    if all(b is None for b in member_buffers):
-                        continue
                     state = self.optimizer.state[stacked]
+                    if all(b is None for b in member_buffers):
+                        state.pop("momentum_buffer", None)  # members start afresh: so does the stack
+                        continue
                     buffer = state.get("momentum_buffer")
                     if buffer is None:
                         buffer = state["momentum_buffer"] = torch.zeros_like(stacked, memory_format=torch.contiguous_format)
