@@ -7,7 +7,6 @@ overrides ``auto``.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -19,9 +18,8 @@ class BackendUnavailableError(RuntimeError):
     """A backend was asked for that is not built, or cannot run on the tensors' device."""
 
 
-@functools.cache
-def _extension_error() -> str | None:
-    """Load the C++ extension once; return why it is missing, or None when it loaded."""
+def _load_extension() -> str | None:
+    """Load the C++ extension; return why it is missing, or None when it loaded."""
     try:
         from . import _C  # noqa: F401  (registers orc_fast::group_kd_fused)
     except ImportError as error:
@@ -32,21 +30,30 @@ def _extension_error() -> str | None:
     return None
 
 
-@functools.cache
-def _triton_error() -> str | None:
+def _load_triton() -> str | None:
+    if not (triton_interpreted() or torch.cuda.is_available()):
+        return "Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1 set before importing orc_fast)"
     try:
-        from .kernels import group_kd_triton  # noqa: F401
+        from .kernels import group_kd_triton  # noqa: F401  (registers orc_fast::group_kd_triton)
     except ImportError as error:
         return f"Triton kernels are unavailable ({error})"
     return None
 
 
-def _has_kernel(dispatch_key: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key("orc_fast::group_kd_fused", dispatch_key)
-
-
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# Registered once, at import: torch.compile may trace the dispatch below, and a first
+# registration inside a traced region is not allowed.
+EXTENSION_MISSING = _load_extension()
+TRITON_MISSING = _load_triton()
+# Which devices the extension has kernels for (the CUDA ones need nvcc at build time).
+EXTENSION_DEVICES = frozenset(
+    device for device in ("cpu", "cuda")
+    if not EXTENSION_MISSING
+    and torch._C._dispatch_has_kernel_for_dispatch_key("orc_fast::group_kd_fused", device.upper())
+)
 
 
 def unavailable_reason(backend: str, device: torch.device) -> str | None:
@@ -54,19 +61,18 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     if backend == "reference":
         return None
     if backend in ("cpu", "cuda"):
-        missing = _extension_error()
-        if missing:
-            return missing
+        if EXTENSION_MISSING:
+            return EXTENSION_MISSING
         if device.type != backend:
             return f"backend {backend!r} runs on {backend.upper()} tensors, got tensors on {device}"
-        if not _has_kernel(backend.upper()):
+        if backend not in EXTENSION_DEVICES:
             hint = " (nvcc and a CUDA build of torch are needed at build time)" if backend == "cuda" else ""
             return f"orc_fast._C was built without its {backend.upper()} kernels{hint}"
         return None
     if backend == "triton":
         if device.type != "cuda" and not (device.type == "cpu" and triton_interpreted()):
             return f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device}"
-        return _triton_error()
+        return TRITON_MISSING
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
