@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Sequence
 
@@ -62,6 +63,19 @@ def _stack_teachers(teachers, student: torch.Tensor) -> torch.Tensor:
     return teachers.detach()
 
 
+@functools.lru_cache(maxsize=64)
+def _constant_cached(values: tuple, device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def _constant(values: tuple, device: torch.device) -> torch.Tensor:
+    """An fp32 tensor of Python values. In eager mode the same few (alpha, weights) recur
+    every step, so they are built once; ops only read them."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=torch.float32, device=device)
+    return _constant_cached(values, device)
+
+
 def _per_network(name: str, value, count: int, like: torch.Tensor, low: float, high: float) -> torch.Tensor:
     """A scalar or one value per network, as an fp32 [count] tensor on the logits' device.
 
@@ -75,7 +89,7 @@ def _per_network(name: str, value, count: int, like: torch.Tensor, low: float, h
         values = tensor.tolist() if value.device.type == "cpu" and not torch.compiler.is_compiling() else None
     else:
         values = [float(v) for v in value] if isinstance(value, Sequence) else [float(value)] * count
-        tensor = torch.tensor(values, dtype=torch.float32, device=like.device)
+        tensor = _constant(tuple(values), like.device)
     if tensor.numel() != count:
         raise ValueError(f"{name} must be a scalar or hold {count} values, got {tensor.numel()}")
     if values is not None and not all(low <= v <= high for v in values):
@@ -85,7 +99,7 @@ def _per_network(name: str, value, count: int, like: torch.Tensor, low: float, h
 
 def _teacher_weights(teacher_weights, num_teachers: int, like: torch.Tensor) -> torch.Tensor:
     if teacher_weights is None:
-        return torch.full((num_teachers,), 1.0 / num_teachers, dtype=torch.float32, device=like.device)
+        return _constant((1.0 / num_teachers,) * num_teachers, like.device)
     weights = _per_network("teacher_weights", teacher_weights, num_teachers, like, 0.0, math.inf)
     given = teacher_weights if isinstance(teacher_weights, Sequence) else [teacher_weights]
     if not isinstance(teacher_weights, torch.Tensor) and sum(float(w) for w in given) <= 0:
@@ -93,7 +107,8 @@ def _teacher_weights(teacher_weights, num_teachers: int, like: torch.Tensor) -> 
     return weights / weights.sum()
 
 
-def _check_target(target, student: torch.Tensor, ignore_index: int, validate: bool) -> torch.Tensor:
+def _check_target(target, student: torch.Tensor, ignore_index: int, validate: bool) -> tuple[torch.Tensor, bool]:
+    """The target as int64, and whether every row is known to count (no ignore_index)."""
     if not isinstance(target, torch.Tensor):
         raise ValueError(f"target must be a tensor of class indices, got {type(target).__name__}")
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
@@ -105,13 +120,16 @@ def _check_target(target, student: torch.Tensor, ignore_index: int, validate: bo
     target = target.long()
     if validate and not torch.compiler.is_compiling():
         num_classes = student.shape[-1]
+        lowest, highest = (int(v) for v in torch.aminmax(target))
+        if lowest >= 0 and highest < num_classes:  # the common case, in one reduction
+            return target, not 0 <= ignore_index < num_classes
         bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
         if bool(bad.any()):
             raise ValueError(
                 f"target holds values outside [0, {num_classes}) other than ignore_index={ignore_index}: "
                 f"{target[bad][:5].tolist()}"
             )
-    return target
+    return target, False
 
 
 def check_hyperparameters(temperature: float, alpha, reduction: str, error_rule: str) -> None:
@@ -169,12 +187,12 @@ def group_kd(
     if students.shape[0] == 0 or students.shape[1] == 0 or students.shape[2] == 0:
         raise ValueError(f"student must have S, B and C >= 1, got shape {tuple(students.shape)}")
     teachers = _stack_teachers(teachers, students)
-    target = _check_target(target, students, ignore_index, validate)
+    target, all_counted = _check_target(target, students, ignore_index, validate)
     num_students, num_teachers = students.shape[0], teachers.shape[0]
     weights = _teacher_weights(teacher_weights, num_teachers, students)
     alphas = _per_network("alpha", alpha, num_students, students, 0.0, 1.0)
     members = (
-        torch.ones(num_students, dtype=torch.float32, device=students.device)
+        _constant((1.0,) * num_students, students.device)
         if error_members is None
         else _per_network("error_members", error_members, num_students, students, 0.0, 1.0)
     )
@@ -192,7 +210,7 @@ def group_kd(
     if reduction == "sum":
         loss = loss.sum()
     elif reduction == "mean":
-        counted = (target != ignore_index).sum()
+        counted = target.shape[0] if all_counted else (target != ignore_index).sum()
         loss = loss.sum() / counted
     if single_student:
         kl, ce, student_correct = kl[0], ce[0], student_correct[0]

@@ -263,3 +263,14 @@ def test_float64_truth_is_self_consistent(generator):
     teachers = make_logits((2, 6, 9), generator)
     target = make_target(6, 9, generator)
     compare(actual("reference", student, teachers, target), expected(student, teachers, target))
+
+
+def test_second_backward_through_one_loss_is_refused(backend, generator):
+    """The saved gradient is scaled in place: a retained graph must fail loudly, never be wrong."""
+    student = make_logits((2, 8, 10), generator).requires_grad_(True)
+    teachers = make_logits((2, 8, 10), generator)
+    target = make_target(8, 10, generator)
+    loss = group_kd(student, teachers, target, backend=backend).loss
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
