@@ -8,14 +8,16 @@ Every backend is one custom op with the same schema (DESIGN.md section 4):
         teacher_correct [G,B] bool, error_mask [B] bool, grad [S,B,C] student dtype)
 
 ``grad`` is d loss[s,b] / d student[s,b,:], produced in the same pass as the loss.
-Backward only scales it, in place, by the incoming gradient of ``loss`` (so one forward
-supports one backward); kl, ce and the masks are diagnostics and carry no gradient.
+Backward only scales it by the incoming gradient of ``loss``; kl, ce and the masks are
+diagnostics and carry no gradient.
 
 Ops: ``orc_fast::group_kd_reference`` (here), ``orc_fast::group_kd_fused`` (C++ in
 csrc/, CPU and CUDA implementations), ``orc_fast::group_kd_triton`` (kernels/).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -48,31 +50,27 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _traced(tensor: torch.Tensor) -> bool:
-    """True while torch.compile / AOTAutograd trace (fake or functional tensors)."""
-    from torch._subclasses.fake_tensor import FakeTensor
-    from torch._subclasses.functional_tensor import FunctionalTensor
+HUGE_PAGE_NUMEL = 1 << 20  # below this, page faults are cheap and a plain multiply is quicker
 
-    return torch.compiler.is_compiling() or isinstance(tensor, (FakeTensor, FunctionalTensor))
+
+@functools.cache
+def _has_scale_op() -> bool:
+    return hasattr(torch.ops.orc_fast, "group_kd_scale_grad")
 
 
 def _backward(ctx, grad_loss, *unused_grads):
-    try:
-        (per_sample_grad,) = ctx.saved_tensors
-    except RuntimeError as error:
-        raise RuntimeError(
-            "orc_fast group-KD: backward ran twice through one loss (retain_graph): its per-sample "
-            "gradient buffer is scaled in place by the first backward, so a second one is not supported"
-        ) from error
+    (per_sample_grad,) = ctx.saved_tensors
     if not ctx.needs_input_grad[0] or grad_loss is None:
         return (None,) * 9
-    # Scale the gradient the forward already wrote, in place: no second [S, B, C] tensor
-    # and no second pass over fresh memory. Autograd's version counter turns any later
-    # use of the saved buffer into the error above, never into a wrong gradient.
-    scale = grad_loss.unsqueeze(-1)
-    if _traced(per_sample_grad):  # traced graphs must not mutate a saved activation
-        return (per_sample_grad * scale).to(per_sample_grad.dtype), *(None,) * 8
-    return per_sample_grad.mul_(scale), *(None,) * 8
+    # Out of place, so the saved gradient stays valid for another backward through the
+    # same loss (retain_graph, per-member autograd.grad). On the CPU the product is
+    # written into huge pages: a fresh [S, B, C] tensor from a plain multiply costs as much
+    # as the whole forward in 4 KiB page faults at vocabulary sizes.
+    if per_sample_grad.device.type == "cpu" and per_sample_grad.numel() >= HUGE_PAGE_NUMEL and _has_scale_op():
+        grad_student = torch.ops.orc_fast.group_kd_scale_grad(per_sample_grad, grad_loss)
+    else:
+        grad_student = (per_sample_grad * grad_loss.unsqueeze(-1)).to(per_sample_grad.dtype)
+    return (grad_student,) + (None,) * 8
 
 
 def register_autograd_and_fake(op, fake: bool = True) -> None:

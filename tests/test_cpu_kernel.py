@@ -217,6 +217,24 @@ def test_empty_batch():
     assert got["loss"].shape == (2, 0) and got["grad"].shape == (2, 0, 10) and got["error_mask"].shape == (0,)
 
 
+# --- backward helper ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(2, 3, 1), (1, 5, 1031), (2, 70, 16384)])  # the last one: huge-page path
+def test_scale_grad_is_the_plain_formula(generator, dtype, shape):
+    per_sample_grad = make_logits(shape, generator, dtype)
+    grad_loss = torch.rand(shape[:2], generator=generator).t().contiguous().t()  # non-contiguous
+    got = torch.ops.orc_fast.group_kd_scale_grad(per_sample_grad, grad_loss)
+    want = (per_sample_grad * grad_loss.unsqueeze(-1)).to(dtype)
+    assert got.dtype == dtype and got.is_contiguous() and torch.equal(got, want)
+
+
+def test_scale_grad_on_meta_tensors():
+    out = torch.ops.orc_fast.group_kd_scale_grad(torch.empty(2, 3, 7, device="meta"), torch.empty(2, 3, device="meta"))
+    assert out.shape == (2, 3, 7) and out.device.type == "meta"
+
+
 # --- argument checks of the raw op -------------------------------------------------
 
 

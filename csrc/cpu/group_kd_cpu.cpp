@@ -192,10 +192,93 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {loss, kl, ce, student_correct, teacher_correct, error_mask, grad};
 }
 
+// ---- backward helper: grad_student = per_sample_grad * grad_loss[..., None] ----
+// The fused op's backward only scales its saved gradient, but a fresh [S, B, C] output
+// from a plain multiply costs as much as the whole forward in 4 KiB page faults at
+// vocabulary sizes; this writes it into huge pages like the forward's gradient.
+// Arithmetic in fp32, output in the gradient's dtype (as (grad * scale).to(dtype)).
+
+template <typename T>
+void scale_rows(const T* in, T* out, const float* scale, int64_t row_begin, int64_t row_end, int64_t C) {
+  using Vec = at::vec::Vectorized<float>;
+  constexpr int64_t kChunk = 1024;
+  float buffer[kChunk];
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const Vec factor(scale[row]);
+    const T* src = in + row * C;
+    T* dst = out + row * C;
+    for (int64_t start = 0; start < C; start += kChunk) {
+      const int64_t n = std::min(kChunk, C - start);
+      const float* values = buffer;
+      float* results = buffer;
+      if constexpr (std::is_same_v<T, float>) {
+        values = src + start;
+        results = dst + start;
+      } else {
+        at::vec::convert(src + start, buffer, n);
+      }
+      int64_t i = 0;
+      for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(values + i) * factor).store(results + i);
+      if (i < n) (Vec::loadu(values + i, n - i) * factor).store(results + i, n - i);
+      if constexpr (!std::is_same_v<T, float>) at::vec::convert(buffer, dst + start, n);
+    }
+  }
+}
+
+at::Tensor group_kd_scale_grad_cpu(const at::Tensor& per_sample_grad_in, const at::Tensor& grad_loss_in) {
+  TORCH_CHECK(per_sample_grad_in.device().is_cpu() && grad_loss_in.device().is_cpu(),
+              "group_kd_scale_grad (CPU): expected CPU tensors");
+  TORCH_CHECK(per_sample_grad_in.dim() == 3, "group_kd_scale_grad: per_sample_grad must be [S, B, C], got ",
+              per_sample_grad_in.sizes());
+  const int64_t S = per_sample_grad_in.size(0), B = per_sample_grad_in.size(1), C = per_sample_grad_in.size(2);
+  TORCH_CHECK(grad_loss_in.dim() == 2 && grad_loss_in.size(0) == S && grad_loss_in.size(1) == B,
+              "group_kd_scale_grad: grad_loss must be [", S, ", ", B, "], got ", grad_loss_in.sizes());
+  TORCH_CHECK(at::isFloatingType(grad_loss_in.scalar_type()), "group_kd_scale_grad: grad_loss must be floating point");
+  const LogitType type = logit_type_of(per_sample_grad_in);
+  const at::Tensor grad = per_sample_grad_in.contiguous();
+  const at::Tensor scale = grad_loss_in.to(at::kFloat).contiguous();
+  at::Tensor out = empty_gradient(grad.sizes(), grad.options());
+  const int64_t rows = S * B;
+  if (rows == 0 || C == 0) return out;
+  const float* scale_data = scale.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / C);
+  at::parallel_for(0, rows, grain, [&](int64_t row_begin, int64_t row_end) {
+    switch (type) {
+      case LogitType::Float:
+        scale_rows(grad.const_data_ptr<float>(), out.data_ptr<float>(), scale_data, row_begin, row_end, C);
+        break;
+      case LogitType::Half:
+        scale_rows(grad.const_data_ptr<c10::Half>(), out.data_ptr<c10::Half>(), scale_data, row_begin, row_end, C);
+        break;
+      case LogitType::BFloat16:
+        scale_rows(grad.const_data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(), scale_data, row_begin,
+                   row_end, C);
+        break;
+    }
+  });
+  return out;
+}
+
+// Any other device (and meta tensors under torch.compile): the plain formula.
+at::Tensor group_kd_scale_grad_composite(const at::Tensor& per_sample_grad, const at::Tensor& grad_loss) {
+  return at::mul(per_sample_grad, grad_loss.unsqueeze(-1)).to(per_sample_grad.scalar_type());
+}
+
 }  // namespace
+
+// Defined here, next to its only fast implementation, until the op is adopted by
+// orc_fast/ops.py's backward (then its schema belongs with group_kd_fused in csrc/group_kd.cpp).
+TORCH_LIBRARY_FRAGMENT(orc_fast, m) {
+  m.def("group_kd_scale_grad(Tensor per_sample_grad, Tensor grad_loss) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(orc_fast, CompositeExplicitAutograd, m) {
+  m.impl("group_kd_scale_grad", &group_kd_scale_grad_composite);
+}
 
 TORCH_LIBRARY_IMPL(orc_fast, CPU, m) {
   m.impl("group_kd_fused", &group_kd_fused_cpu);
+  m.impl("group_kd_scale_grad", &group_kd_scale_grad_cpu);
 }
 
 }  // namespace orc_fast::cpu
