@@ -56,7 +56,7 @@ def _extension_is_fresh() -> bool:
     if path is None:
         return False
     inputs = CUDA_SOURCES + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cuh"))
-    inputs += glob.glob(os.path.join(ROOT, "csrc", "*.cpp"))
+    inputs += glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "*.h"))
     return all(os.path.getmtime(path) >= os.path.getmtime(source) for source in inputs)
 
 

@@ -23,6 +23,8 @@
 #include <c10/core/Allocator.h>
 #include <torch/library.h>
 
+#include "../group_kd_common.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -101,70 +103,34 @@ LogitType logit_type_of(const at::Tensor& logits) {
   }
 }
 
-void check_vector(const at::Tensor& tensor, const char* name, int64_t size) {
-  TORCH_CHECK(tensor.device().is_cpu(), "group_kd_fused: ", name, " must be a CPU tensor, got ", tensor.device());
-  TORCH_CHECK(tensor.scalar_type() == at::kFloat, "group_kd_fused: ", name, " must be float32, got ", tensor.scalar_type());
-  TORCH_CHECK(tensor.dim() == 1 && tensor.size(0) == size, "group_kd_fused: ", name, " must have shape [", size,
-              "], got ", tensor.sizes());
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_kd_fused_cpu(
     const at::Tensor& student_in, const at::Tensor& teachers_in, const at::Tensor& target_in,
     const at::Tensor& teacher_weights_in, const at::Tensor& alpha_in, const at::Tensor& error_members_in,
     double temperature, int64_t ignore_index, int64_t error_rule) {
+  namespace common = orc_fast::group_kd_common;
   TORCH_CHECK(student_in.device().is_cpu() && teachers_in.device().is_cpu() && target_in.device().is_cpu(),
               "group_kd_fused (CPU): student, teachers and target must be CPU tensors");
-  TORCH_CHECK(student_in.dim() == 3, "group_kd_fused: student must be [S, B, C], got ", student_in.sizes());
-  TORCH_CHECK(teachers_in.dim() == 3, "group_kd_fused: teachers must be [G, B, C], got ", teachers_in.sizes());
-  TORCH_CHECK(teachers_in.scalar_type() == student_in.scalar_type(), "group_kd_fused: teachers dtype ",
-              teachers_in.scalar_type(), " differs from student dtype ", student_in.scalar_type());
+  const common::Sizes sizes = common::check_inputs(
+      student_in, teachers_in, target_in, teacher_weights_in, alpha_in, error_members_in, temperature, error_rule,
+      [](int64_t /*S*/, int64_t G, int64_t C) {
+        TORCH_CHECK(G >= 1, "group_kd_fused: need at least one teacher (G = 0)");
+        TORCH_CHECK(C >= 1, "group_kd_fused: need at least one class (C = 0)");
+      },
+      [](const at::Tensor& tensor, const char* name) {
+        TORCH_CHECK(tensor.device().is_cpu(), "group_kd_fused: ", name, " must be a CPU tensor, got ",
+                    tensor.device());
+      });
   const LogitType logit_type = logit_type_of(student_in);
-  const int64_t S = student_in.size(0), B = student_in.size(1), C = student_in.size(2);
-  const int64_t G = teachers_in.size(0);
-  TORCH_CHECK(teachers_in.size(1) == B && teachers_in.size(2) == C, "group_kd_fused: teachers' [B, C] ",
-              teachers_in.sizes().slice(1), " does not match student's ", student_in.sizes().slice(1));
-  TORCH_CHECK(G >= 1, "group_kd_fused: need at least one teacher (G = 0)");
-  TORCH_CHECK(C >= 1, "group_kd_fused: need at least one class (C = 0)");
-  TORCH_CHECK(target_in.scalar_type() == at::kLong && target_in.dim() == 1 && target_in.size(0) == B,
-              "group_kd_fused: target must be int64 [", B, "], got ", target_in.scalar_type(), " ", target_in.sizes());
-  check_vector(teacher_weights_in, "teacher_weights", G);
-  check_vector(alpha_in, "alpha", S);
-  check_vector(error_members_in, "error_members", S);
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, "group_kd_fused: temperature must be finite and > 0, got ",
-              temperature);
-  TORCH_CHECK(error_rule >= 0 && error_rule <= 3, "group_kd_fused: error_rule must be 0..3, got ", error_rule);
+  const int64_t S = sizes.S, B = sizes.B, C = sizes.C, G = sizes.G;
 
-  // The kernel walks rows with their own strides but needs unit stride along classes.
-  const at::Tensor student = (student_in.stride(2) == 1 || C == 1) ? student_in : student_in.contiguous();
-  const at::Tensor teachers = (teachers_in.stride(2) == 1 || C == 1) ? teachers_in : teachers_in.contiguous();
-  const at::Tensor target = target_in.contiguous();
-  const at::Tensor teacher_weights = teacher_weights_in.contiguous();
-  const at::Tensor alpha = alpha_in.contiguous();
-  const at::Tensor error_members = error_members_in.contiguous();
-
-  const auto per_sample_options = student.options().dtype(at::kFloat);
-  at::Tensor loss = at::empty({S, B}, per_sample_options);
-  at::Tensor kl = at::empty({S, B}, per_sample_options);
-  at::Tensor ce = at::empty({S, B}, per_sample_options);
-  at::Tensor student_correct = at::empty({S, B}, student.options().dtype(at::kBool));
-  at::Tensor teacher_correct = at::empty({G, B}, student.options().dtype(at::kBool));
-  at::Tensor error_mask = at::empty({B}, student.options().dtype(at::kBool));
-  at::Tensor grad = empty_gradient({S, B, C}, student.options());
-  if (B == 0) {
-    return {loss, kl, ce, student_correct, teacher_correct, error_mask, grad};
-  }
+  const common::Inputs in =
+      common::prepare_inputs(student_in, teachers_in, target_in, teacher_weights_in, alpha_in, error_members_in);
+  const common::Outputs out = common::allocate_outputs(sizes, in.student, &empty_gradient);
+  if (B == 0) return out.as_tuple();
 
   GroupKDParams params{};
-  params.student = student.data_ptr();
-  params.student_stride_s = student.stride(0);
-  params.student_stride_b = student.stride(1);
-  params.teachers = teachers.data_ptr();
-  params.teacher_stride_g = teachers.stride(0);
-  params.teacher_stride_b = teachers.stride(1);
-  params.target = target.data_ptr<int64_t>();
-  params.teacher_weights = teacher_weights.data_ptr<float>();
-  params.alpha = alpha.data_ptr<float>();
-  params.error_members = error_members.data_ptr<float>();
+  static_cast<GroupKDInputPointers&>(params) = in.pointers();
+  static_cast<GroupKDOutputPointers&>(params) = out.pointers();
   params.temperature = temperature;
   params.ignore_index = ignore_index;
   params.error_rule = error_rule;
@@ -173,23 +139,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   params.batch = B;
   params.num_classes = C;
   params.logit_type = logit_type;
-  params.loss = loss.data_ptr<float>();
-  params.kl = kl.data_ptr<float>();
-  params.ce = ce.data_ptr<float>();
-  params.student_correct = student_correct.data_ptr<bool>();
-  params.teacher_correct = teacher_correct.data_ptr<bool>();
-  params.error_mask = error_mask.data_ptr<bool>();
-  params.grad = grad.data_ptr();
 
   const RowKernel kernel = select_row_kernel();
   // Enough logits per task that waking a thread pays off (~32k logits, a few microseconds).
   const int64_t logits_per_row = (S + G) * C;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / logits_per_row);
   at::parallel_for(0, B, grain, [&](int64_t row_begin, int64_t row_end) {
-    at::Tensor scratch = at::empty({scratch_floats(C)}, per_sample_options);
+    at::Tensor scratch = at::empty({scratch_floats(C)}, in.student.options().dtype(at::kFloat));
     kernel(params, row_begin, row_end, scratch.data_ptr<float>());
   });
-  return {loss, kl, ce, student_correct, teacher_correct, error_mask, grad};
+  return out.as_tuple();
 }
 
 // ---- backward helper: grad_student = per_sample_grad * grad_loss[..., None] ----

@@ -6,26 +6,16 @@
 
 #include <cstdint>
 
+#include "../group_kd_params.h"
+
 namespace orc_fast::cpu {
 
 enum class LogitType : int { Float = 0, Half = 1, BFloat16 = 2 };
 
-// Everything the row kernel needs: raw pointers, element strides, sizes.
-// Inputs: student [S,B,C] and teachers [G,B,C] with unit stride along C; target [B];
-// teacher_weights [G], alpha [S], error_members [S] contiguous fp32.
-// Outputs (contiguous): loss/kl/ce [S,B] fp32, student_correct [S,B], teacher_correct
-// [G,B], error_mask [B] bool, grad [S,B,C] in the logits' type.
-struct GroupKDParams {
-  const void* student;
-  int64_t student_stride_s;
-  int64_t student_stride_b;
-  const void* teachers;
-  int64_t teacher_stride_g;
-  int64_t teacher_stride_b;
-  const int64_t* target;
-  const float* teacher_weights;
-  const float* alpha;
-  const float* error_members;
+// Everything the row kernel needs: the tensors' raw pointers and element strides
+// (../group_kd_params.h: inputs with unit stride along C, contiguous outputs), sizes
+// and scalars.
+struct GroupKDParams : GroupKDInputPointers, GroupKDOutputPointers {
   double temperature;
   int64_t ignore_index;
   int64_t error_rule;  // 0 any, 1 all, 2 majority, 3 ensemble
@@ -34,13 +24,6 @@ struct GroupKDParams {
   int64_t batch;
   int64_t num_classes;
   LogitType logit_type;
-  float* loss;
-  float* kl;
-  float* ce;
-  bool* student_correct;
-  bool* teacher_correct;
-  bool* error_mask;
-  void* grad;
 };
 
 // Processes rows [row_begin, row_end) of the batch. `scratch` holds

@@ -19,6 +19,7 @@
 #include <string>
 #include <tuple>
 
+#include "../group_kd_common.h"
 #include "group_kd_cuda_kernel.cuh"
 
 namespace orc_fast::cuda_kernels {
@@ -195,75 +196,40 @@ bool rows_aligned(const at::Tensor& logits) {
   return reinterpret_cast<uintptr_t>(logits.data_ptr()) % 16 == 0 && aligned_stride(0) && aligned_stride(1);
 }
 
-void check_vector(const at::Tensor& tensor, const char* name, int64_t size, const at::Device& device) {
-  TORCH_CHECK(tensor.device() == device, "group_kd_fused: ", name, " must be on ", device, ", got ", tensor.device());
-  TORCH_CHECK(tensor.scalar_type() == at::kFloat, "group_kd_fused: ", name, " must be float32, got ",
-              tensor.scalar_type());
-  TORCH_CHECK(tensor.dim() == 1 && tensor.size(0) == size, "group_kd_fused: ", name, " must have shape [", size,
-              "], got ", tensor.sizes());
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_kd_fused_cuda(
     const at::Tensor& student_in, const at::Tensor& teachers_in, const at::Tensor& target_in,
     const at::Tensor& teacher_weights_in, const at::Tensor& alpha_in, const at::Tensor& error_members_in,
     double temperature, int64_t ignore_index, int64_t error_rule) {
+  namespace common = orc_fast::group_kd_common;
   TORCH_CHECK(student_in.is_cuda(), "group_kd_fused (CUDA): student must be a CUDA tensor");
   const at::Device device = student_in.device();
   TORCH_CHECK(teachers_in.device() == device && target_in.device() == device,
               "group_kd_fused (CUDA): student, teachers and target must be on the same device");
-  TORCH_CHECK(student_in.dim() == 3, "group_kd_fused: student must be [S, B, C], got ", student_in.sizes());
-  TORCH_CHECK(teachers_in.dim() == 3, "group_kd_fused: teachers must be [G, B, C], got ", teachers_in.sizes());
-  TORCH_CHECK(teachers_in.scalar_type() == student_in.scalar_type(), "group_kd_fused: teachers dtype ",
-              teachers_in.scalar_type(), " differs from student dtype ", student_in.scalar_type());
+  const common::Sizes sizes = common::check_inputs(
+      student_in, teachers_in, target_in, teacher_weights_in, alpha_in, error_members_in, temperature, error_rule,
+      [](int64_t S, int64_t G, int64_t C) {
+        TORCH_CHECK(S >= 1 && G >= 1 && C >= 1, "group_kd_fused: need S, G, C >= 1, got S = ", S, ", G = ", G,
+                    ", C = ", C);
+        TORCH_CHECK(C < (int64_t{1} << 30) && S < (int64_t{1} << 20) && G < (int64_t{1} << 20),
+                    "group_kd_fused (CUDA): sizes out of range: S = ", S, ", G = ", G, ", C = ", C);
+      },
+      [&device](const at::Tensor& tensor, const char* name) {
+        TORCH_CHECK(tensor.device() == device, "group_kd_fused: ", name, " must be on ", device, ", got ",
+                    tensor.device());
+      });
   const auto dtype = student_in.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-              "group_kd_fused: logits must be float32, float16 or bfloat16, got ", dtype);
-  const int64_t S = student_in.size(0), B = student_in.size(1), C = student_in.size(2);
-  const int64_t G = teachers_in.size(0);
-  TORCH_CHECK(teachers_in.size(1) == B && teachers_in.size(2) == C, "group_kd_fused: teachers' [B, C] ",
-              teachers_in.sizes().slice(1), " does not match student's ", student_in.sizes().slice(1));
-  TORCH_CHECK(S >= 1 && G >= 1 && C >= 1, "group_kd_fused: need S, G, C >= 1, got S = ", S, ", G = ", G, ", C = ", C);
-  TORCH_CHECK(C < (int64_t{1} << 30) && S < (int64_t{1} << 20) && G < (int64_t{1} << 20),
-              "group_kd_fused (CUDA): sizes out of range: S = ", S, ", G = ", G, ", C = ", C);
-  TORCH_CHECK(target_in.scalar_type() == at::kLong && target_in.dim() == 1 && target_in.size(0) == B,
-              "group_kd_fused: target must be int64 [", B, "], got ", target_in.scalar_type(), " ", target_in.sizes());
-  check_vector(teacher_weights_in, "teacher_weights", G, device);
-  check_vector(alpha_in, "alpha", S, device);
-  check_vector(error_members_in, "error_members", S, device);
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0,
-              "group_kd_fused: temperature must be finite and > 0, got ", temperature);
-  TORCH_CHECK(error_rule >= 0 && error_rule <= 3, "group_kd_fused: error_rule must be 0..3, got ", error_rule);
+  const int64_t S = sizes.S, B = sizes.B, C = sizes.C, G = sizes.G;
 
   const c10::cuda::CUDAGuard guard(device);
-  // Rows are walked with their own strides; classes need unit stride.
-  const at::Tensor student = (student_in.stride(2) == 1 || C == 1) ? student_in : student_in.contiguous();
-  const at::Tensor teachers = (teachers_in.stride(2) == 1 || C == 1) ? teachers_in : teachers_in.contiguous();
-  const at::Tensor target = target_in.contiguous();
-  const at::Tensor teacher_weights = teacher_weights_in.contiguous();
-  const at::Tensor alpha = alpha_in.contiguous();
-  const at::Tensor error_members = error_members_in.contiguous();
-
-  const auto per_sample = student.options().dtype(at::kFloat);
-  at::Tensor loss = at::empty({S, B}, per_sample);
-  at::Tensor kl = at::empty({S, B}, per_sample);
-  at::Tensor ce = at::empty({S, B}, per_sample);
-  at::Tensor student_correct = at::empty({S, B}, student.options().dtype(at::kBool));
-  at::Tensor teacher_correct = at::empty({G, B}, student.options().dtype(at::kBool));
-  at::Tensor error_mask = at::empty({B}, student.options().dtype(at::kBool));
-  at::Tensor grad = at::empty({S, B, C}, student.options());
-  if (B == 0) return {loss, kl, ce, student_correct, teacher_correct, error_mask, grad};
+  const common::Inputs in =
+      common::prepare_inputs(student_in, teachers_in, target_in, teacher_weights_in, alpha_in, error_members_in);
+  const common::Outputs out = common::allocate_outputs(
+      sizes, in.student, [](at::IntArrayRef shape, const at::TensorOptions& options) { return at::empty(shape, options); });
+  if (B == 0) return out.as_tuple();
 
   Params params{};
-  params.student = student.data_ptr();
-  params.student_stride_s = student.stride(0);
-  params.student_stride_b = student.stride(1);
-  params.teachers = teachers.data_ptr();
-  params.teacher_stride_g = teachers.stride(0);
-  params.teacher_stride_b = teachers.stride(1);
-  params.target = target.data_ptr<int64_t>();
-  params.teacher_weights = teacher_weights.data_ptr<float>();
-  params.alpha = alpha.data_ptr<float>();
-  params.error_members = error_members.data_ptr<float>();
+  static_cast<GroupKDInputPointers&>(params) = in.pointers();
+  static_cast<GroupKDOutputPointers&>(params) = out.pointers();
   params.temperature = static_cast<float>(temperature);
   params.inv_temperature = static_cast<float>(1.0 / temperature);
   params.ignore_index = ignore_index;
@@ -272,23 +238,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   params.num_teachers = static_cast<int>(G);
   params.num_classes = static_cast<int>(C);
   params.batch = B;
-  params.loss = loss.data_ptr<float>();
-  params.kl = kl.data_ptr<float>();
-  params.ce = ce.data_ptr<float>();
-  params.student_correct = student_correct.data_ptr<bool>();
-  params.teacher_correct = teacher_correct.data_ptr<bool>();
-  params.error_mask = error_mask.data_ptr<bool>();
-  params.grad = grad.data_ptr();
 
   // 16-byte vectors need every row of student, teachers and gradient to start aligned.
-  const bool aligned = rows_aligned(student) && rows_aligned(teachers) && rows_aligned(grad);
+  const bool aligned = rows_aligned(in.student) && rows_aligned(in.teachers) && rows_aligned(out.grad);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   switch (dtype) {
     case at::kFloat: dispatch<float>(params, aligned, device.index(), stream); break;
     case at::kHalf: dispatch<__half>(params, aligned, device.index(), stream); break;
     default: dispatch<__nv_bfloat16>(params, aligned, device.index(), stream); break;
   }
-  return {loss, kl, ce, student_correct, teacher_correct, error_mask, grad};
+  return out.as_tuple();
 }
 
 }  // namespace

@@ -35,6 +35,8 @@
 #include <cstring>
 #include <type_traits>
 
+#include "../group_kd_params.h"
+
 namespace orc_fast::cuda_kernels {
 
 #if !defined(ORC_FAST_EMULATE_CUDA) && (!defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900)
@@ -49,17 +51,8 @@ __device__ __forceinline__ float* cluster_shared(float* address, int rank) {
 constexpr int kStudentTile = 4;  // students handled together in pass 2 (registers)
 constexpr int kStatWords = 5;    // one RowStats in the inter-warp scratch
 
-struct Params {
-  const void* student;
-  int64_t student_stride_s;
-  int64_t student_stride_b;
-  const void* teachers;
-  int64_t teacher_stride_g;
-  int64_t teacher_stride_b;
-  const int64_t* target;
-  const float* teacher_weights;
-  const float* alpha;
-  const float* error_members;
+// The tensors' pointers and strides (../group_kd_params.h), then sizes and scalars.
+struct Params : GroupKDInputPointers, GroupKDOutputPointers {
   float temperature;
   float inv_temperature;
   int64_t ignore_index;
@@ -68,13 +61,6 @@ struct Params {
   int num_teachers;
   int num_classes;
   int64_t batch;
-  float* loss;
-  float* kl;
-  float* ce;
-  bool* student_correct;
-  bool* teacher_correct;
-  bool* error_mask;
-  void* grad;
 };
 
 // ---- element conversion and vector memory access -------------------------------------
