@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from .init import init_weights
+
 
 class BasicBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int):
@@ -48,12 +50,7 @@ class CifarResNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_weights(self)
 
     def forward(self, x):
         return self.fc(self.pool(self.features(self.stem(x))).flatten(1))

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from .init import init_weights
+
 STAGES = {
     8: ((64,), (128,), (256,), (512,), (512,)),
     11: ((64,), (128,), (256, 256), (512, 512), (512, 512)),
@@ -28,16 +30,7 @@ class VGG(nn.Module):
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(channels, num_classes)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, 0, 0.01)
-                nn.init.zeros_(module.bias)
+        init_weights(self, linear="normal")
 
     def forward(self, x):
         return self.classifier(self.pool(self.features(x)).flatten(1))

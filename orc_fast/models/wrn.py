@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from .init import init_weights
+
 
 class PreActBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int):
@@ -42,14 +44,7 @@ class WideResNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.head = nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1))
         self.fc = nn.Linear(channels, num_classes)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Linear):
-                nn.init.zeros_(module.bias)
+        init_weights(self, linear="zero_bias")
 
     def forward(self, x):
         return self.fc(self.head(self.features(self.stem(x))).flatten(1))
