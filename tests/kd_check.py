@@ -101,3 +101,26 @@ def check_backend(backend, student, teachers, target, upstream=None, **options):
     want = expected(student, teachers, target, upstream=upstream, **options)
     compare(got, want, dtype=student.dtype)
     return got, want
+
+
+def compiled_step_matches_eager(backend, model, inputs, teachers, target, loss_tol, grad_tol):
+    """torch.compile(fullgraph=True) of model + GroupKDLoss gives eager's loss and weight
+    gradient, within (rtol, atol) pairs."""
+    import torch._dynamo
+
+    from orc_fast import GroupKDLoss
+
+    criterion = GroupKDLoss(backend=backend)
+
+    def step(x, teacher_logits, labels):
+        return criterion(model(x), teacher_logits, labels)
+
+    eager = step(inputs, teachers, target)
+    eager.backward()
+    eager_grad = model.weight.grad.clone()
+    model.zero_grad()
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)(inputs, teachers, target)
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager, rtol=loss_tol[0], atol=loss_tol[1])
+    torch.testing.assert_close(model.weight.grad, eager_grad, rtol=grad_tol[0], atol=grad_tol[1])

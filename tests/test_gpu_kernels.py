@@ -19,7 +19,9 @@ import os
 import pytest
 import torch
 
-from orc_fast import GroupKDLoss, group_kd
+from kd_check import compiled_step_matches_eager
+
+from orc_fast import group_kd
 from orc_fast.backends import op_for, unavailable_reason
 from orc_fast.reference import group_kd_math
 
@@ -238,25 +240,11 @@ def test_compiled_training_step_triton(dtype):
         pytest.skip("needs a CUDA GPU")
     torch.manual_seed(0)
     model = torch.nn.Linear(64, 32000, device="cuda", dtype=dtype)
-    criterion = GroupKDLoss(backend="triton")
     x = torch.randn(2, 16, 64, device="cuda", dtype=dtype)
     teachers = torch.randn(3, 16, 32000, device="cuda", dtype=dtype)
     target = torch.randint(0, 32000, (16,), device="cuda")
-
-    def step(inputs, teacher_logits, labels):
-        return criterion(model(inputs), teacher_logits, labels)
-
-    eager = step(x, teachers, target)
-    eager.backward()
-    eager_grad = model.weight.grad.clone()
-    model.zero_grad()
-    torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True)(x, teachers, target)
-    compiled.backward()
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(compiled, eager, rtol=tol, atol=tol)
-    torch.testing.assert_close(model.weight.grad, eager_grad, rtol=tol, atol=tol)
-
+    compiled_step_matches_eager("triton", model, x, teachers, target, loss_tol=(tol, tol), grad_tol=(tol, tol))
 
 def test_more_than_2_31_elements(backend):
     if backend == "cuda" and os.environ.get("ORC_FAST_CUDA_SPLIT") == "4":
