@@ -1,4 +1,4 @@
-"""Builds orc_fast and its extension orc_fast._C (DESIGN.md section 4).
+"""Builds orc_fast and its extension orc_fast._C (docs/design.md §4).
 
 The C++ sources (csrc/*.cpp, csrc/cpu/*.cpp) are always built; the CUDA sources
 (csrc/cuda/*.cu) too when nvcc and a CUDA build of torch are present (sm_80 and sm_90

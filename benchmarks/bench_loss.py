@@ -1,9 +1,9 @@
-"""Forward + backward of the group-KD loss on CPU, every backend (issue 3).
+"""Forward + backward of the group-KD loss on CPU, every backend.
 
 Run: ``.venv/bin/python -m pytest benchmarks/bench_loss.py --benchmark-only`` (or
 ``make bench``). The table printed at the end gives each backend's median and its
 speed-up over reference-eager and reference-compiled in this same run; timings from
-different runs or machines are not comparable (DESIGN.md section 7).
+different runs or machines are not comparable (docs/design.md §7).
 """
 
 import pytest

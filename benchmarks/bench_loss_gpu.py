@@ -1,4 +1,4 @@
-"""The group-KD loss on a CUDA GPU: every backend, achieved bandwidth, peak memory (issue 4).
+"""The group-KD loss on a CUDA GPU: every backend, achieved bandwidth, peak memory.
 
 Run on a GPU machine (skipped without CUDA):
 
@@ -18,7 +18,7 @@ Rows per shape (S, G, B, C):
 
 Times are medians from ``triton.testing.do_bench`` (CUDA events, L2 flushed before each
 run), forward + backward. The fused backends' forward op alone is also timed and turned
-into GB/s under DESIGN.md section 4's byte model (read (G + S)·B·C·e, write S·B·C·e),
+into GB/s under docs/design.md §4's byte model (read (G + S)·B·C·e, write S·B·C·e),
 next to the card's device-to-device copy bandwidth measured in the same run (bytes read +
 written). Peak memory is torch.cuda.max_memory_allocated over one step, less what the
 inputs already held. The table is printed at the end and written to

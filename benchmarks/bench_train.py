@@ -1,4 +1,4 @@
-"""Training throughput of one full group step, every strategy, with and without compile (issue 6).
+"""Training throughput of one full group step, every strategy, with and without compile.
 
 One step = forward of every member, the ORC losses (one group_kd call), backward, every
 member's SGD step, on a CIFAR-100-shaped batch (128 x 3 x 32 x 32, 100 classes). Groups:
@@ -12,7 +12,7 @@ rows when a GPU is present. The data share is the time of the trainer's on-devic
 The variants of one group are timed round-robin (see ``test_group_step``). The table at the
 end gives images/s and the ratio to sequential eager *in the same rounds*, from each
 variant's fastest round (robust to a shared machine's load spikes; medians shown too);
-timings from different runs or machines are not comparable (DESIGN.md section 7).
+timings from different runs or machines are not comparable (docs/design.md §7).
 ``ORC_FAST_BENCH_TABLE=file.md`` also writes it to a file. ``auto`` is timed after its own
 measurement steps (those run untimed first, like a warm-up), with the strategy it chose.
 """

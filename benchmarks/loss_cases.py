@@ -1,6 +1,6 @@
 """What the loss benchmarks time, as data: shapes, backends per device, and one step.
 
-A step is forward + backward of DESIGN.md section 3's loss with reduction "mean" on
+A step is forward + backward of docs/design.md §3's loss with reduction "mean" on
 fresh-looking inputs (S students, G teachers, batch B, C classes, fp32 by default):
 
 * ``reference-eager``: orc_fast.reference.group_kd_math + the mean, plain PyTorch autograd.

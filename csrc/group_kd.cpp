@@ -1,4 +1,4 @@
-// The schema of the fused group-KD op (DESIGN.md section 4) and the Python module stub.
+// The schema of the fused group-KD op (docs/design.md §4) and the Python module stub.
 // Implementations register against it per device: csrc/cpu (CPU), csrc/cuda (CUDA).
 // Autograd and the fake (meta) implementation are registered from Python (orc_fast/ops.py).
 #include <Python.h>

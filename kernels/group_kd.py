@@ -1,4 +1,4 @@
-"""Fused group-KD loss in Triton: ``orc_fast::group_kd_triton`` (DESIGN.md sections 3-4).
+"""Fused group-KD loss in Triton: ``orc_fast::group_kd_triton`` (docs/design.md §3-4).
 
 One program handles ROWS samples b with all S students and G teachers of each, as 3-D
 tiles [ROWS, networks, BLOCK_C] (networks padded to a power of two and masked):

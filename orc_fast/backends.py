@@ -1,4 +1,4 @@
-"""Which group-KD backends exist here, and which one a call uses (DESIGN.md section 4).
+"""Which group-KD backends exist here, and which one a call uses (docs/design.md §4).
 
 ``auto`` picks triton on CUDA tensors (cuda if Triton is missing), cpu on CPU tensors,
 and reference wherever the compiled extension is not built. ``ORC_FAST_BACKEND``

@@ -1,6 +1,6 @@
 """Datasets held on the training device as uint8 tensors, augmented there in batches.
 
-DESIGN.md sections 5 and 6. ``load_dataset`` returns a ``DeviceDataset`` whatever the
+docs/design.md §5 and 6. ``load_dataset`` returns a ``DeviceDataset`` whatever the
 source (scikit-learn digits, torchvision CIFAR, an ImageFolder tree); ``train_batches``
 yields normalised, augmented float batches without any per-image Python or DataLoader
 worker: one gather does the random crop (zero padding) and the horizontal flip of a

@@ -1,4 +1,4 @@
-"""Member-parallel group training over torch.distributed (DESIGN.md section 5, issue 7).
+"""Member-parallel group training over torch.distributed (docs/design.md §5).
 
 ``torchrun --nproc_per_node=K -m orc_fast.train ...`` spreads the N members over K ranks
 in contiguous blocks (N >= K; a rank may own several). Every rank:

@@ -1,4 +1,4 @@
-"""Public API: ``group_kd`` (functional) and ``GroupKDLoss`` (module). DESIGN.md section 3."""
+"""Public API: ``group_kd`` (functional) and ``GroupKDLoss`` (module). docs/design.md §3."""
 
 from __future__ import annotations
 
@@ -220,7 +220,7 @@ def group_kd(
 
 
 class GroupKDLoss(nn.Module):
-    """Online group knowledge distillation loss (DESIGN.md section 3).
+    """Online group knowledge distillation loss (docs/design.md §3).
 
     ``loss(student, teachers, target)`` with student [B, C] or [S, B, C] and teachers
     [G, B, C] or a list of G [B, C]. Per student s and sample b:

@@ -1,6 +1,6 @@
 """The group-KD operators, registered with torch.library, and their shared autograd.
 
-Every backend is one custom op with the same schema (DESIGN.md section 4):
+Every backend is one custom op with the same schema (docs/design.md §4):
 
     (student [S,B,C], teachers [G,B,C], target [B] int64, teacher_weights [G] fp32,
      alpha [S] fp32, error_members [S] fp32, temperature, ignore_index, error_rule)

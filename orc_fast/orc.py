@@ -1,4 +1,4 @@
-"""One step of group training: ORC (DESIGN.md section 2) and the baselines.
+"""One step of group training: ORC (docs/design.md §2) and the baselines.
 
 Everything that decides *how* a group learns lives here, as functions on tensors:
 
@@ -121,7 +121,7 @@ def orc_losses(
     teacher_logits: torch.Tensor | None = None,
     mixed_ce: torch.Tensor | None = None,
 ) -> MemberLosses:
-    """ORC member losses from one ``group_kd`` call (DESIGN.md section 2, steps 4-7).
+    """ORC member losses from one ``group_kd`` call (docs/design.md §2, steps 4-7).
 
     logits [N, B, C] (with gradient), roles [N] 0/1. Teachers (r = 1) get alpha 0, so
     their ``group_kd`` loss is plain CE; students get alpha, and the KD target is the

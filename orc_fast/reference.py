@@ -1,6 +1,6 @@
 """The group-KD loss in plain PyTorch: the specification every kernel is tested against.
 
-DESIGN.md section 3. Two functions:
+docs/design.md §3. Two functions:
 
 * ``group_kd_math`` computes the loss parts and masks with differentiable torch ops in
   whatever floating dtype it is given. Tests run it in float64 and differentiate it with
@@ -59,7 +59,7 @@ def group_kd_math(
     ignore_index: int,
     error_rule: int,
 ):
-    """Loss parts of DESIGN.md section 3, differentiable in ``student``.
+    """Loss parts of docs/design.md §3, differentiable in ``student``.
 
     student [S, B, C], teachers [G, B, C], target [B] int64, teacher_weights [G] summing
     to 1, alpha [S], error_members [S]. Arithmetic happens in ``student.dtype``.

@@ -1,4 +1,4 @@
-"""How a group step runs its members: ``--strategy sequential|streams|fused|auto`` (issue 6).
+"""How a group step runs its members: ``--strategy sequential|streams|fused|auto``.
 
 A strategy does the two parts of ``GroupStep`` that touch every member: "forward every
 member -> logits [N, B, C]" and "optimizer step for every member" (plus the masked step of

@@ -1,7 +1,7 @@
 """python -m orc_fast.train: train a group of networks with ORC, or a baseline.
 
 ORC ("Network Group-based Knowledge Distillation using Online Role Change", Choi et al.,
-ICCV 2023; DESIGN.md section 2): every step the best-scoring members become teachers,
+ICCV 2023; docs/design.md §2): every step the best-scoring members become teachers,
 refine themselves on the students' error images, and the students distil from the
 teachers' mean tempered distribution. Baselines in the same engine: ``independent``,
 ``dml`` (Deep Mutual Learning) and ``ensemble`` (distil from the group's mean).

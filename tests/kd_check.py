@@ -79,7 +79,7 @@ def actual(backend, student, teachers, target, upstream=None, **options):
 
 
 def compare(got, want, dtype=torch.float32, grad_rtol=None, grad_atol=None):
-    """Check a backend's outputs against the float64 truth with DESIGN.md section 7's tolerances."""
+    """Check a backend's outputs against the float64 truth with docs/design.md §7's tolerances."""
     loose = dtype in (torch.float16, torch.bfloat16)
     for name in ("loss", "kl", "ce"):
         assert got[name].dtype == torch.float32, f"{name} must be fp32, got {got[name].dtype}"

@@ -1,4 +1,4 @@
-"""CPU-kernel specifics of orc_fast::group_kd_fused (issue 3), beyond the shared suite.
+"""CPU-kernel specifics of orc_fast::group_kd_fused, beyond the shared suite.
 
 test_group_kd.py runs the whole loss contract on every backend, this one included; here:
 vocabulary-sized and odd class counts, 16-bit logits at scale, row strides, the NaN /

@@ -1,4 +1,4 @@
-"""Crash safety, the trainer's NaN policy and flat memory over many steps (issue 8).
+"""Crash safety, the trainer's NaN policy and flat memory over many steps.
 
 Training runs in subprocesses (``python -m orc_fast.train`` on the bundled digits set,
 on the CPU, deterministic), killed with SIGKILL: once from outside in the middle of an

@@ -1,4 +1,4 @@
-"""The CUDA sources (csrc/cuda/*.cu) compile wherever nvcc exists (DESIGN.md section 7).
+"""The CUDA sources (csrc/cuda/*.cu) compile wherever nvcc exists (docs/design.md §7).
 
 No GPU is needed. When the installed orc_fast._C is at least as new as the sources and
 carries the CUDA kernel, the build that produced it is the proof; otherwise the sources

@@ -1,4 +1,4 @@
-"""Property-based fuzzing of every CPU-runnable backend against float64 math (issue 8).
+"""Property-based fuzzing of every CPU-runnable backend against float64 math.
 
 Hypothesis draws the problem (S, G, B, C, dtype, tau, alpha, reduction, teacher
 weights, ignore density, strides, value scale, -inf classes); the tensors come from a

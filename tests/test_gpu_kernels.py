@@ -106,7 +106,7 @@ def _truth(inputs, temperature, rule):
 
 def _check(got, want, dtype, num_classes, masks=True):
     # Sums over up to 256k classes in fp32 with the GPU's fast exp: a little looser than
-    # DESIGN.md's 1e-5 only for the largest vocabularies.
+    # docs/design.md's 1e-5 only for the largest vocabularies.
     rtol = 1e-5 if num_classes <= 4097 else 3e-5
     for name in ("loss", "kl", "ce"):
         assert got[name].dtype == torch.float32

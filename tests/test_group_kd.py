@@ -1,4 +1,4 @@
-"""The loss contract (DESIGN.md section 3) on every backend that runs on the CPU here.
+"""The loss contract (docs/design.md §3) on every backend that runs on the CPU here.
 
 Each case draws fresh random inputs (seed printed on failure) and compares the backend
 with float64 math differentiated by autograd.

@@ -1,4 +1,4 @@
-"""No leaks: many loss calls keep the process's memory flat (issue 8).
+"""No leaks: many loss calls keep the process's memory flat.
 
 Each check runs in a fresh subprocess so the pytest process's own allocations do not
 blur the reading; resident memory is read from /proc after a warm-up and at the end.

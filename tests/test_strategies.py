@@ -1,4 +1,4 @@
-"""Group strategies (orc_fast/strategies.py, issue 6): same mathematics, different schedules.
+"""Group strategies (orc_fast/strategies.py): same mathematics, different schedules.
 
 Every strategy starts from the same weights and sees the same batches; after a few steps
 the members' parameters, BatchNorm statistics and momentum buffers must agree with the

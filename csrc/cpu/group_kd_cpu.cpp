@@ -1,4 +1,4 @@
-// CPU implementation of orc_fast::group_kd_fused (DESIGN.md sections 3 and 4; issue 3).
+// CPU implementation of orc_fast::group_kd_fused (docs/design.md §3 and 4).
 //
 // One pass over the logits per batch row, rows spread over threads with
 // at::parallel_for; the row kernel (group_kd_cpu_kernel.h) is built three times --

@@ -1,4 +1,4 @@
-// The fused group-KD row kernel (DESIGN.md sections 3 and 4), written once with
+// The fused group-KD row kernel (docs/design.md §3 and 4), written once with
 // at::vec::Vectorized<float> and compiled once per instruction set.
 //
 // Include this from exactly one translation unit per ISA, after defining

@@ -1,4 +1,4 @@
-// CUDA implementation of orc_fast::group_kd_fused (DESIGN.md sections 3 and 4; issue 4):
+// CUDA implementation of orc_fast::group_kd_fused (docs/design.md §3 and 4):
 // checks, output allocation and the launch of the kernel in group_kd_cuda_kernel.cuh,
 // registered for the CUDA dispatch key.
 

@@ -1,4 +1,4 @@
-// The CUDA kernel of orc_fast::group_kd_fused (DESIGN.md sections 3 and 4; issue 4).
+// The CUDA kernel of orc_fast::group_kd_fused (docs/design.md §3 and 4).
 // Device code only, no torch: group_kd_cuda.cu launches it, and tests/cuda_emulator/
 // compiles it for the CPU (ORC_FAST_EMULATE_CUDA) to check it where no GPU is.
 //
