@@ -6,10 +6,10 @@ STAMP     := $(VENV)/.orc_fast-installed
 CUDA_HOME ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda)
 export CUDA_HOME
 PIP_DEPS  := torch==2.14.1 torchvision==0.29.1 scikit-learn pytest pytest-benchmark hypothesis \
-             ninja pyyaml matplotlib numpy
-SOURCES   := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/*)
+             ninja pyyaml matplotlib numpy ruff==0.17.6
+SOURCES   := Makefile setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/*)
 
-.PHONY: setup test bench train fuzz clean
+.PHONY: setup lint test bench train fuzz clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,10 @@ $(STAMP): $(SOURCES)
 	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation -e .
 	$(PY) -c "import orc_fast; print('orc_fast backends here:', orc_fast.available_backends())"
 	touch $(STAMP)
+
+# ruff's settings are in pyproject.toml; CI runs this before the tests.
+lint: setup
+	$(PY) -m ruff check .
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -85,7 +85,7 @@ def copy_bandwidth_gbs() -> float:
     """The card's device-to-device copy bandwidth, bytes read + written per second (GB/s)."""
     source = torch.empty(2**30, dtype=torch.uint8, device="cuda")  # 1 GiB
     destination = torch.empty_like(source)
-    ms = _median_ms(lambda: destination.copy_(source))
+    ms = _median_ms(functools.partial(destination.copy_, source))
     del source, destination
     torch.cuda.empty_cache()
     return 2 * 2**30 / (ms * 1e-3) / 1e9

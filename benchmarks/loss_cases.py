@@ -144,8 +144,8 @@ def results_table() -> str:
     for device, label in cases:
         eager = RESULTS.get((device, label, BASELINE), (None,))[0]
         compiled = RESULTS.get((device, label, "reference-compiled"), (None,))[0]
-        for (d, l, backend), (median, fastest) in RESULTS.items():
-            if (d, l) != (device, label):
+        for (row_device, row_label, backend), (median, fastest) in RESULTS.items():
+            if (row_device, row_label) != (device, label):
                 continue
             versus_eager = f"{eager / median:.2f}x" if eager else "n/a"
             versus_compiled = f"{compiled / median:.2f}x" if compiled else "n/a"

@@ -57,7 +57,7 @@ class DeviceDataset:
     def image_size(self) -> int:
         return self.train_images.shape[-1]
 
-    def to(self, device) -> "DeviceDataset":
+    def to(self, device) -> DeviceDataset:
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
         return DeviceDataset(**moved)
 

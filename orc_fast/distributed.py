@@ -139,7 +139,7 @@ class MemberParallelStep(GroupStep):
     """``GroupStep`` of one rank: its own members forward, backward and step; scores, roles
     and losses are computed over the whole group from the exchanged logits."""
 
-    def __init__(self, placement: "MemberParallel", models, optimizers, config, device, generator, **kwargs):
+    def __init__(self, placement: MemberParallel, models, optimizers, config, device, generator, **kwargs):
         super().__init__(models, optimizers, config, device, generator, **kwargs)
         self.placement = placement
         members = placement.num_members

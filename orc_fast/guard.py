@@ -13,7 +13,7 @@ step t + 1 has been queued, so the host never waits for the device inside a step
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -43,7 +43,7 @@ AUTO_MARGIN = 0.05  # a challenger must be 5% faster than sequential (see benchm
 FUSABLE_HYPER = ("momentum", "dampening", "weight_decay", "nesterov", "maximize")
 
 
-def make_strategy(name: str, models, optimizers, device, compile: bool = False) -> "SequentialStrategy":
+def make_strategy(name: str, models, optimizers, device, compile: bool = False) -> SequentialStrategy:
     """The strategy called ``name`` for this group (raises ValueError for an unknown one)."""
     kinds = {"sequential": SequentialStrategy, "streams": StreamsStrategy, "fused": FusedStrategy,
              "auto": AutoStrategy}

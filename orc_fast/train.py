@@ -35,12 +35,12 @@ import torch
 
 from . import checkpoint, distributed
 from .backends import BACKENDS, resolve_backend
-from .guard import NAN_POLICIES, NonFiniteGuard, NonFiniteLoss, start_momentum
 from .data import DATASETS, DataError, load_dataset, steps_per_epoch, test_batches, train_batches
+from .guard import NAN_POLICIES, NonFiniteGuard, NonFiniteLoss, start_momentum
 from .models import MODELS, build_model
-from .orc import METHODS, GroupStep, StepConfig
-from .strategies import STRATEGIES, CudaGraphStep
+from .orc import METHODS, StepConfig
 from .reference import ERROR_RULES
+from .strategies import STRATEGIES, CudaGraphStep
 
 PROG = "python -m orc_fast.train"
 

@@ -83,7 +83,7 @@ def compare(got, want, dtype=torch.float32, grad_rtol=None, grad_atol=None):
     loose = dtype in (torch.float16, torch.bfloat16)
     for name in ("loss", "kl", "ce"):
         assert got[name].dtype == torch.float32, f"{name} must be fp32, got {got[name].dtype}"
-        torch.testing.assert_close(got[name].double(), want[name], rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got[name].double(), want[name], rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
     for name in ("student_correct", "teacher_correct", "error_mask"):
         assert got[name].dtype == torch.bool, f"{name} must be bool"
         assert torch.equal(got[name], want[name]), f"{name} differs from argmax truth"

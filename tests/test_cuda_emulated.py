@@ -110,7 +110,7 @@ def _truth(student, teachers, target, weights, alpha, members, temperature, rule
 def _check(got, want, dtype):
     for name in ("loss", "kl", "ce"):
         torch.testing.assert_close(got[name].double(), want[name], rtol=1e-5, atol=1e-5, equal_nan=True,
-                                   msg=lambda m: f"{name}: {m}")
+                                   msg=lambda m, name=name: f"{name}: {m}")
     for name in ("student_correct", "teacher_correct", "error_mask"):
         assert torch.equal(got[name], want[name]), f"{name}: {got[name]} != {want[name]}"
     loose = dtype != torch.float32

@@ -16,8 +16,10 @@ from orc_fast.data import (
     load_dataset,
     normalize,
     steps_per_epoch,
-    test_batches as eval_batches,
     train_batches,
+)
+from orc_fast.data import (
+    test_batches as eval_batches,
 )
 
 SHARED_CIFAR10 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"

@@ -18,7 +18,6 @@ import os
 
 import pytest
 import torch
-
 from kd_check import compiled_step_matches_eager
 
 from orc_fast import group_kd
@@ -111,7 +110,7 @@ def _check(got, want, dtype, num_classes, masks=True):
     for name in ("loss", "kl", "ce"):
         assert got[name].dtype == torch.float32
         torch.testing.assert_close(got[name].double(), want[name], rtol=rtol, atol=1e-5, equal_nan=True,
-                                   msg=lambda m: f"{name}: {m}")
+                                   msg=lambda m, name=name: f"{name}: {m}")
     if masks:
         for name in ("student_correct", "teacher_correct", "error_mask"):
             assert got[name].dtype == torch.bool

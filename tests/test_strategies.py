@@ -22,7 +22,6 @@ from orc_fast.models import build_model
 from orc_fast.orc import GroupStep, StepConfig
 from orc_fast.strategies import (
     AutoStrategy,
-    FusedStrategy,
     fusable_subgroups,
     fusion_problem,
     make_strategy,

@@ -91,7 +91,7 @@ def _check(got, want, dtype, grad_rtol=None, loss_rtol=1e-5, loss_atol=1e-5, mas
     for name in ("loss", "kl", "ce"):
         assert got[name].dtype == torch.float32
         torch.testing.assert_close(got[name].double(), want[name], rtol=loss_rtol, atol=loss_atol, equal_nan=True,
-                                   msg=lambda m: f"{name}: {m}")
+                                   msg=lambda m, name=name: f"{name}: {m}")
     if masks:
         for name in ("student_correct", "teacher_correct", "error_mask"):
             assert got[name].dtype == torch.bool

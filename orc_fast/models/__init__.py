@@ -6,8 +6,8 @@ parameter counts for 100 classes are in ``PUBLISHED_PARAMS`` and tested.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 from torch import nn
 
