@@ -52,7 +52,8 @@ def synthetic_cifar100(device, images: int = 2048) -> DeviceDataset:
     labels = torch.randint(0, CLASSES, (images,), generator=generator)
     return DeviceDataset(
         name="synthetic-cifar100", classes=[str(c) for c in range(CLASSES)], train_images=train, train_labels=labels,
-        test_images=train[:256], test_labels=labels[:256], mean=torch.full((3,), 0.5), std=torch.full((3,), 0.25),
+        test_images=train[:256], test_labels=labels[:256], val_images=train[:0], val_labels=labels[:0],
+        mean=torch.full((3,), 0.5), std=torch.full((3,), 0.25),
         flip=True,
     ).to(device)
 
@@ -117,7 +118,7 @@ def variants(device):
 
 def build_variant(device, archs, strategy, flag):
     """(callable step, GroupStep): the step warmed up, auto decided, a CUDA graph captured."""
-    from orc_fast.strategies import CudaGraphStep
+    from orc_fast.cuda_graphs import CudaGraphStep
 
     group_step = make_group_step(device, archs, strategy, compile="compile" in flag)
     step = CudaGraphStep(group_step) if "graphs" in flag else group_step

@@ -11,6 +11,7 @@ checks the format before anything is used.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -25,6 +26,10 @@ VERSION = 1
 REQUIRED = ("format", "version", "epoch", "config", "models", "optimizers", "scores", "rng", "metrics")
 
 
+MANIFEST_FORMAT = "orc_fast.train member-parallel checkpoint"
+MANIFEST_VERSION = 1
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read, or that does not belong to this run."""
 
@@ -35,6 +40,8 @@ def write_atomic(path: str | os.PathLike, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates the file 0600; outputs get the mode any new file would (the umask's).
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
@@ -53,6 +60,12 @@ def write_atomic(path: str | os.PathLike, write) -> None:
             os.close(dir_fd)
     except OSError:
         pass
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it: set, then restore at once
+    os.umask(mask)
+    return mask
 
 
 _saves_seen: dict[str, int] = {}
@@ -102,6 +115,80 @@ def load(path) -> dict:
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}")
     return state
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# ---------------------------------------------------------------------------- member-parallel manifests
+#
+# Under torchrun every rank saves its own members to its own file; a checkpoint is the
+# *set* of those files, named by a small JSON manifest that rank 0 writes last, atomically
+# (latest.json, best.json). A crash between two ranks' saves therefore leaves the previous
+# complete set in force: --resume reads only what a manifest names.
+
+
+def make_manifest(epoch: int, world_size: int, num_members: int, run_id: str, members, files) -> dict:
+    """The manifest of one complete checkpoint set: which rank file holds which members."""
+    return {
+        "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "epoch": epoch, "world_size": world_size,
+        "num_nets": num_members, "run_id": run_id, "members": members, "files": files,
+    }
+
+
+def _write_json(path: Path, value: dict) -> None:
+    write_atomic(path, lambda handle: handle.write(json.dumps(value, indent=1).encode()))
+
+
+def write_manifests(out: Path, manifest: dict, is_best: bool) -> None:
+    """best.json (if best) first, then latest.json: a crash in between leaves latest.json
+    on the previous complete set, never on a partial one."""
+    if is_best:
+        _write_json(out / "best.json", manifest)
+    _write_json(out / "latest.json", manifest)
+
+
+def read_manifests(path: Path, out: Path):
+    """(manifest, best manifest or None, error or None): errors as values, because rank 0
+    reads and broadcasts them so that every rank fails alike."""
+    if path.suffix != ".json":
+        return None, None, (f"under torchrun --resume takes a member-parallel manifest (latest.json or "
+                            f"best.json), got {path}")
+    if not path.is_file():
+        if (path.parent / "latest.pt").is_file():
+            return None, None, (f"checkpoint {path} does not exist; {path.parent / 'latest.pt'} was written by "
+                                f"a single-process run: resume it with python -m orc_fast.train")
+        return None, None, f"checkpoint {path} does not exist"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        return None, None, f"checkpoint {path} is corrupt or not a checkpoint ({_first_line(error)})"
+    best = None
+    try:
+        best = json.loads((out / "best.json").read_text())
+    except (OSError, ValueError):
+        pass
+    return manifest, (best if isinstance(best, dict) and "files" in best else None), None
+
+
+def manifest_problem(manifest, path: Path, world_size: int, num_members: int) -> str | None:
+    """Why ``manifest`` cannot resume a run of ``world_size`` ranks and ``num_members``
+    members; None when it can."""
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        return f"{path} is not an orc_fast.train member-parallel checkpoint"
+    if manifest.get("version") != MANIFEST_VERSION:
+        return f"checkpoint {path} has format version {manifest.get('version')}, this build reads {MANIFEST_VERSION}"
+    if manifest.get("world_size") != world_size:
+        return (f"checkpoint {path} was written by {manifest.get('world_size')} ranks, this run has "
+                f"{world_size}: resume with {manifest.get('world_size')} ranks in all")
+    if manifest.get("num_nets") != num_members:
+        return f"checkpoint {path} holds {manifest.get('num_nets')} members, this run has {num_members}"
+    files = manifest.get("files")
+    if not isinstance(files, list) or len(files) != world_size or not all(isinstance(f, str) for f in files):
+        return f"checkpoint {path} is corrupt (bad file list)"
+    return None
 
 
 # ---------------------------------------------------------------------------- RNG

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .checkpoint import write_atomic
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff"}
@@ -37,7 +38,8 @@ class DataError(ValueError):
 
 @dataclass
 class DeviceDataset:
-    """Train and test splits as uint8 [N, 3, H, W] images and int64 [N] labels on one device."""
+    """Train, validation and test splits as uint8 [N, 3, H, W] images and int64 [N] labels on
+    one device. The validation split is held out of the training set (it may be empty)."""
 
     name: str
     classes: list[str]
@@ -45,6 +47,8 @@ class DeviceDataset:
     train_labels: torch.Tensor
     test_images: torch.Tensor
     test_labels: torch.Tensor
+    val_images: torch.Tensor
+    val_labels: torch.Tensor
     mean: torch.Tensor  # [3] fp32, in [0, 1] units, from the training images
     std: torch.Tensor
     flip: bool  # horizontal flips keep the label (not so for digits)
@@ -186,19 +190,8 @@ def _decode_split(files: list[tuple[Path, int]], image_size: int):
     return images, labels
 
 
-def _save_atomic(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def _save_torch_atomic(obj, path: Path) -> None:
+    write_atomic(path, lambda handle: torch.save(obj, handle))
 
 
 def _imagefolder(data_dir: str | None, image_size: int, log=print):
@@ -220,7 +213,7 @@ def _imagefolder(data_dir: str | None, image_size: int, log=print):
         files = [(path, label) for label, c in enumerate(classes) for path in listing[split][c]]
         splits += list(_decode_split(files, image_size))
     try:
-        _save_atomic(
+        _save_torch_atomic(
             {"classes": classes, "train_images": splits[0], "train_labels": splits[1],
              "test_images": splits[2], "test_labels": splits[3]},
             cache_path,
@@ -270,8 +263,14 @@ def load_dataset(
     train_subset: int = 0,
     device="cpu",
     log=print,
+    val_split: int = 0,
 ) -> DeviceDataset:
-    """Load a dataset into uint8 tensors on ``device``; raises DataError on bad input."""
+    """Load a dataset into uint8 tensors on ``device``; raises DataError on bad input.
+
+    ``val_split`` images (class-balanced, the same for every seed) are held out of the
+    training set (after ``train_subset``) as the validation split; -1: 10% of the training
+    images, at most 5,000.
+    """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     if image_size < 8:
@@ -289,12 +288,22 @@ def load_dataset(
     if train_subset:
         index = class_balanced_subset(train_y, train_subset, len(classes))
         train_x, train_y = train_x[index], train_y[index]
+    if val_split < 0:
+        val_split = min(len(train_y) // 10, 5000)
+    if val_split >= len(train_y):
+        raise DataError(f"--val-split {val_split} leaves no training images (the training set has {len(train_y)})")
+    held_out = torch.zeros(len(train_y), dtype=torch.bool)
+    if val_split:
+        # Its own fixed seed, so the split does not depend on the subset's draw.
+        held_out[class_balanced_subset(train_y, val_split, len(classes), seed=1)] = True
+    val_x, val_y = train_x[held_out], train_y[held_out]
+    train_x, train_y = train_x[~held_out], train_y[~held_out]
     scaled = train_x.float().div_(255.0)
     mean = scaled.mean(dim=(0, 2, 3))
     std = scaled.std(dim=(0, 2, 3)).clamp_min(1e-3)
     dataset = DeviceDataset(
         name=name, classes=list(classes), train_images=train_x, train_labels=train_y,
-        test_images=test_x, test_labels=test_y, mean=mean, std=std, flip=name != "digits",
+        test_images=test_x, test_labels=test_y, val_images=val_x, val_labels=val_y, mean=mean, std=std, flip=name != "digits",
     )
     return dataset.to(device)
 
@@ -351,7 +360,9 @@ def train_batches(dataset: DeviceDataset, batch_size: int, generator: torch.Gene
         yield normalize(images, dataset.mean, dataset.std), dataset.train_labels[index]
 
 
-def test_batches(dataset: DeviceDataset, batch_size: int = 1000):
-    for start in range(0, len(dataset.test_labels), batch_size):
-        images = dataset.test_images[start : start + batch_size]
-        yield normalize(images, dataset.mean, dataset.std), dataset.test_labels[start : start + batch_size]
+def test_batches(dataset: DeviceDataset, batch_size: int = 1000, split: str = "test"):
+    """(normalised images, labels) of the ``test`` or ``val`` split, in order, unaugmented."""
+    all_images, all_labels = getattr(dataset, f"{split}_images"), getattr(dataset, f"{split}_labels")
+    for start in range(0, len(all_labels), batch_size):
+        images = all_images[start : start + batch_size]
+        yield normalize(images, dataset.mean, dataset.std), all_labels[start : start + batch_size]

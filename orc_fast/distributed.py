@@ -33,7 +33,6 @@ Without torchrun's environment (``RANK``/``WORLD_SIZE``) ``setup`` returns
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import secrets
 import signal
@@ -47,8 +46,6 @@ import torch.distributed as dist
 from . import checkpoint
 from .orc import GroupStep, ScoreTracker
 
-MANIFEST_FORMAT = "orc_fast.train member-parallel checkpoint"
-MANIFEST_VERSION = 1
 # Test-only fault injection: "RANK:STEP:ACTION", ACTION kill (SIGKILL itself), exit
 # (os._exit(1)) or hang (sleep), at the start of that rank's STEP-th training step (from 1).
 FAULT_ENV = "ORC_FAST_FAULT"
@@ -310,17 +307,10 @@ class MemberParallel:
         checkpoint.save(out / self._file_name(epoch), state)
         names = [None] * self.world_size
         self._collective("saving checkpoints", dist.all_gather_object, names, self._file_name(epoch))
-        manifest = {
-            "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "epoch": epoch,
-            "world_size": self.world_size, "num_nets": self.num_members, "run_id": self.token,
-            "members": [[block.start, block.stop] for block in self.blocks], "files": names,
-        }
+        manifest = checkpoint.make_manifest(epoch, self.world_size, self.num_members, self.token,
+                                            [[block.start, block.stop] for block in self.blocks], names)
         if self.is_main:
-            # best.json first: a crash in between leaves latest.json on the previous
-            # complete set, never on a partial one.
-            if is_best:
-                _write_json(out / "best.json", manifest)
-            _write_json(out / "latest.json", manifest)
+            checkpoint.write_manifests(out, manifest, is_best)
         self.barrier("writing the checkpoint manifest")
         self.latest, self.saved_epoch = manifest, epoch
         if is_best:
@@ -337,11 +327,11 @@ class MemberParallel:
         path = out / "latest.json" if resume == "latest" else Path(resume)
         payload = [None]
         if self.is_main:
-            payload[0] = self._read_manifests(path, out)
+            payload[0] = checkpoint.read_manifests(path, out)
         self._collective("resuming", dist.broadcast_object_list, payload, 0)
         manifest, best, error = payload[0]
         if error is None:
-            error = self._check_manifest(manifest, path)
+            error = checkpoint.manifest_problem(manifest, path, self.world_size, self.num_members)
         state = None
         if error is None:
             file = path.parent / manifest["files"][self.rank]
@@ -362,50 +352,10 @@ class MemberParallel:
         self.latest, self.best, self.saved_epoch = manifest, best, manifest["epoch"]
         return path, state
 
-    def _read_manifests(self, path: Path, out: Path):
-        """(manifest, best manifest or None, error or None), read on rank 0."""
-        if path.suffix != ".json":
-            return None, None, (f"under torchrun --resume takes a member-parallel manifest (latest.json or "
-                                f"best.json), got {path}")
-        if not path.is_file():
-            if (path.parent / "latest.pt").is_file():
-                return None, None, (f"checkpoint {path} does not exist; {path.parent / 'latest.pt'} was written by "
-                                    f"a single-process run: resume it with python -m orc_fast.train")
-            return None, None, f"checkpoint {path} does not exist"
-        try:
-            manifest = json.loads(path.read_text())
-        except (OSError, ValueError) as error:
-            return None, None, f"checkpoint {path} is corrupt or not a checkpoint ({_first_line(error)})"
-        best = None
-        try:
-            best = json.loads((out / "best.json").read_text())
-        except (OSError, ValueError):
-            pass
-        return manifest, (best if isinstance(best, dict) and "files" in best else None), None
-
-    def _check_manifest(self, manifest, path: Path) -> str | None:
-        if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-            return f"{path} is not an orc_fast.train member-parallel checkpoint"
-        if manifest.get("version") != MANIFEST_VERSION:
-            return f"checkpoint {path} has format version {manifest.get('version')}, this build reads {MANIFEST_VERSION}"
-        if manifest.get("world_size") != self.world_size:
-            return (f"checkpoint {path} was written by {manifest.get('world_size')} ranks, this run has "
-                    f"{self.world_size}: resume with {manifest.get('world_size')} ranks in all")
-        if manifest.get("num_nets") != self.num_members:
-            return f"checkpoint {path} holds {manifest.get('num_nets')} members, this run has {self.num_members}"
-        files = manifest.get("files")
-        if not isinstance(files, list) or len(files) != self.world_size or not all(isinstance(f, str) for f in files):
-            return f"checkpoint {path} is corrupt (bad file list)"
-        return None
-
     def close(self) -> None:
         if dist.is_initialized():
             self.barrier("shutting down")
             dist.destroy_process_group()
-
-
-def _write_json(path: Path, value: dict) -> None:
-    checkpoint.write_atomic(path, lambda handle: handle.write(json.dumps(value, indent=1).encode()))
 
 
 def _span(block: range) -> str:

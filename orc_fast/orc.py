@@ -3,8 +3,9 @@
 Everything that decides *how* a group learns lives here, as functions on tensors:
 
 * ``assign_roles`` / ``ScoreTracker``: the online role change (scores -> 0/1 roles).
-* ``orc_losses``, ``independent_losses``, ``dml_losses``, ``ensemble_losses``: the
+* ``orc_losses``, ``independent_losses``, ``dml_losses``, ``kdcl_losses``: the
   per-member losses of each method from the stacked logits [N, B, C].
+* ``METHOD_DEFAULTS``: each method's published temperature and loss weights.
 * ``GroupStep``: forward every member, compute the method's losses, backward, step
   every member's optimizer.
 
@@ -30,7 +31,41 @@ from torch import nn
 from .loss import group_kd
 from .strategies import make_strategy
 
-METHODS = ("orc", "independent", "dml", "ensemble")
+METHODS = ("orc", "independent", "dml", "kdcl")
+
+
+class MethodDefaults(NamedTuple):
+    """A method's own settings: loss = ce_weight * CE + kd_weight * tau^2 * KL."""
+
+    temperature: float
+    ce_weight: float
+    kd_weight: float
+    source: str
+
+
+# Every method runs at its own published settings unless a flag overrides them
+# (docs/design.md §2.1). ORC's entry is the students' weighting; teachers always train on CE
+# plus the error-image term.
+METHOD_DEFAULTS = {
+    "independent": MethodDefaults(1.0, 1.0, 0.0, "cross-entropy only"),
+    "dml": MethodDefaults(1.0, 1.0, 1.0, "Zhang et al., Deep Mutual Learning, CVPR 2018: CE + KL, tau = 1"),
+    "kdcl": MethodDefaults(2.0, 1.0, 1.0, "Guo et al., KDCL, CVPR 2020: CE + tau^2 KL to the MinLogit group "
+                           "teacher, tau = 2"),
+    # Students keep CE at weight 1 and add tau^2 KL (the DML/KDCL form), so a member's role no
+    # longer decides how much hard-label signal it gets: with (1 - alpha) CE at alpha = 0.9
+    # the teachers kept the lowest batch CE and roles froze (docs/design.md §2; README).
+    "orc": MethodDefaults(4.0, 1.0, 1.0, "students CE + tau^2 KL, tau = 4 (chosen on the validation split "
+                          "over (1 - alpha) CE + alpha tau^2 KL at alpha = 0.9, whose roles froze)"),
+}
+
+
+def loss_form(ce_weight: float, kd_weight: float) -> tuple[float, float]:
+    """w_ce CE + w_kd tau^2 KL as s * ((1 - alpha) CE + alpha tau^2 KL): (s, alpha), with
+    s = w_ce + w_kd and alpha = w_kd / s. The kernels only know the alpha form."""
+    if ce_weight < 0 or kd_weight < 0 or ce_weight + kd_weight <= 0:
+        raise ValueError(f"loss weights must be >= 0 with a positive sum, got CE {ce_weight}, KD {kd_weight}")
+    scale = ce_weight + kd_weight
+    return scale, kd_weight / scale
 
 
 # ---------------------------------------------------------------------------- roles
@@ -121,6 +156,7 @@ def orc_losses(
     backend: str = "auto",
     teacher_logits: torch.Tensor | None = None,
     mixed_ce: torch.Tensor | None = None,
+    kd_scale: float = 1.0,
 ) -> MemberLosses:
     """ORC member losses from one ``group_kd`` call (docs/design.md §2, steps 4-7).
 
@@ -130,10 +166,10 @@ def orc_losses(
     error mask is judged over the students (``error_members = 1 - roles``).
 
       teacher: mean_b CE_ib + lambda_err * sum_b err_b CE_ib / max(n_err, 1)
-      student: mean_b [(1 - alpha) CE_ib + alpha tau^2 KL_ib]
+      student: s mean_b [(1 - alpha) CE_ib + alpha tau^2 KL_ib]   (s = ``kd_scale``)
 
     Both come from weighting ``result.loss`` [N, B] by c_ib = r_i (1/B + lambda err_b /
-    max(n_err, 1)) + (1 - r_i) / B. ``teacher_logits`` replaces the teachers' side
+    max(n_err, 1)) + (1 - r_i) s / B. ``teacher_logits`` replaces the teachers' side
     (``--refresh-teachers``); ``mixed_ce`` [N, B] replaces CE in the error term
     (``--error-mixup``).
     """
@@ -146,10 +182,11 @@ def orc_losses(
         reduction="none", validate=False, backend=backend,
     )
     error_term = teacher_error_weights(roles, result.error_mask, error_weight)
+    row_weight = ((roles + (1.0 - roles) * kd_scale) / batch)[:, None]
     if mixed_ce is None:
-        per_sample = result.loss * (1.0 / batch + error_term)
+        per_sample = result.loss * (row_weight + error_term)
     else:
-        per_sample = result.loss / batch + mixed_ce * error_term
+        per_sample = result.loss * row_weight + mixed_ce * error_term
     return MemberLosses(per_sample.sum(1), result.error_mask)
 
 
@@ -159,21 +196,12 @@ def independent_losses(logits: torch.Tensor, target: torch.Tensor, backend: str 
     return MemberLosses(result.loss.mean(1), torch.zeros_like(result.error_mask))
 
 
-def ensemble_losses(
-    logits: torch.Tensor, target: torch.Tensor, temperature: float = 4.0, alpha: float = 0.9, backend: str = "auto", **_
-) -> MemberLosses:
-    """Every member: (1 - alpha) CE + alpha tau^2 KL to the whole group's mean distribution."""
-    result = group_kd(
-        logits, logits.detach(), target, temperature=temperature, alpha=alpha,
-        reduction="none", validate=False, backend=backend,
-    )
-    return MemberLosses(result.loss.mean(1), torch.zeros_like(result.error_mask))
-
-
 def dml_losses(
-    logits: torch.Tensor, target: torch.Tensor, temperature: float = 4.0, alpha: float = 0.9, backend: str = "auto", **_
+    logits: torch.Tensor, target: torch.Tensor, temperature: float = 1.0, alpha: float = 0.5, backend: str = "auto",
+    kd_scale: float = 2.0, **_
 ) -> MemberLosses:
-    """Deep Mutual Learning: every member distils from the mean of all the *other* members.
+    """Deep Mutual Learning: every member distils from the mean of all the *other* members:
+    s [(1 - alpha) CE + alpha tau^2 KL] (the defaults give DML's CE + KL at tau = 1).
 
     One ``group_kd`` call per member, with teacher weights that mask the member itself out
     (the mean over the others differs per member, which one call cannot express).
@@ -187,9 +215,35 @@ def dml_losses(
             logits[i], teachers, target, temperature=temperature, alpha=alpha, teacher_weights=others[i],
             reduction="none", validate=False, backend=backend,
         )
-        per_member.append(result.loss.mean())
+        per_member.append(kd_scale * result.loss.mean())
     no_errors = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
     return MemberLosses(torch.stack(per_member), no_errors)
+
+
+def min_logit_teacher(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """KDCL's MinLogit group teacher: [N, B, C] -> [B, C], detached.
+
+    Each member's logits are shifted so its true-class logit is 0 (z_i - z_i[y]); the
+    teacher takes, class by class, the smallest shifted logit over the members, i.e. the
+    least confusing member for every wrong class.
+    """
+    logits = logits.detach().float()
+    true_class = logits.gather(2, target.view(1, -1, 1).expand(logits.shape[0], -1, 1))
+    return (logits - true_class).amin(0)
+
+
+def kdcl_losses(
+    logits: torch.Tensor, target: torch.Tensor, temperature: float = 2.0, alpha: float = 0.5, backend: str = "auto",
+    kd_scale: float = 2.0, **_
+) -> MemberLosses:
+    """KDCL (MinLogit): every member, s [(1 - alpha) CE + alpha tau^2 KL] to the group teacher
+    built from the members' logits (``min_logit_teacher``); one ``group_kd`` call."""
+    teacher = min_logit_teacher(logits, target).to(logits.dtype)
+    result = group_kd(
+        logits, teacher[None], target, temperature=temperature, alpha=alpha,
+        reduction="none", validate=False, backend=backend,
+    )
+    return MemberLosses(kd_scale * result.loss.mean(1), torch.zeros_like(result.error_mask))
 
 
 # ---------------------------------------------------------------------------- mixup
@@ -211,34 +265,6 @@ def mixed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, target_b: to
 
 
 # ---------------------------------------------------------------------------- steps
-
-
-@torch.no_grad()
-def masked_sgd_step(optimizer: torch.optim.SGD, apply: torch.Tensor) -> None:
-    """torch.optim.SGD's update, applied only where ``apply`` (a 0-dim 0/1 tensor) is 1.
-
-    Used by ``--refresh-teachers``, where the teachers step before the students'
-    gradient is computed: a branch-free masked step keeps roles off the host. It writes
-    through ``.data`` so the autograd graph still held for the students' backward is not
-    invalidated (the rows it changes receive zero gradient there).
-    """
-    keep = apply.bool()
-    for group in optimizer.param_groups:
-        if group.get("nesterov") or group.get("maximize") or group.get("dampening", 0) != 0:
-            raise ValueError("masked_sgd_step supports plain momentum SGD (no nesterov, dampening or maximize)")
-        lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
-        for param in group["params"]:
-            if param.grad is None:
-                continue
-            step = param.grad + decay * param.data if decay else param.grad.clone()
-            if momentum:
-                state = optimizer.state[param]
-                buffer = state.get("momentum_buffer")
-                if buffer is None:  # torch starts the buffer at the first gradient: m * 0 + g
-                    buffer = torch.zeros_like(step)
-                step = momentum * buffer + step
-                state["momentum_buffer"] = torch.where(keep, step, buffer)
-            param.data.copy_(torch.where(keep, param.data - lr * step, param.data))
 
 
 @contextmanager
@@ -266,6 +292,7 @@ class StepConfig:
     mixup_alpha: float = 1.0
     refresh_teachers: bool = False
     rank_momentum: float = 0.0
+    kd_scale: float = 1.0  # s of s [(1 - alpha) CE + alpha tau^2 KL] for members that distil
     backend: str = "auto"
     strategy: str = "sequential"  # how members run: orc_fast/strategies.py
     compile: bool = False  # torch.compile the members' forward (and so their backward)
@@ -326,9 +353,9 @@ class GroupStep:
     def _step(self, images: torch.Tensor, target: torch.Tensor) -> StepOutput:
         cfg = self.config
         logits = self.forward(images)
-        hyper = dict(temperature=cfg.temperature, alpha=cfg.alpha, backend=cfg.backend)
+        hyper = dict(temperature=cfg.temperature, alpha=cfg.alpha, backend=cfg.backend, kd_scale=cfg.kd_scale)
         if cfg.method != "orc":
-            baseline = {"independent": independent_losses, "dml": dml_losses, "ensemble": ensemble_losses}
+            baseline = {"independent": independent_losses, "dml": dml_losses, "kdcl": kdcl_losses}
             losses = baseline[cfg.method](logits, target, **hyper)
             self._backward_and_step(losses.total)
             return StepOutput(losses.per_member.detach(), self.no_roles, losses.error_mask)

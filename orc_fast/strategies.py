@@ -23,7 +23,6 @@ buffer is re-pointed (``.data``) to its row of the stacked tensor. ``model.state
 evaluation, ``load_state_dict`` and checkpoints keep working on the members, in the
 unchanged per-member format, and strategies can take turns (``auto``) on the same storage.
 
-``CudaGraphStep`` captures a whole group step in a CUDA graph (``--cuda-graphs``).
 No strategy reads a device value on the host during a step (``auto`` syncs once, when it
 decides).
 """
@@ -37,6 +36,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
+
+from .masked_sgd import masked_sgd_step
 
 STRATEGIES = ("sequential", "streams", "fused", "auto")
 AUTO_MARGIN = 0.05  # a challenger must be 5% faster than sequential (see benchmarks/results)
@@ -95,8 +96,6 @@ class SequentialStrategy:
 
     def masked_step(self, apply: torch.Tensor) -> None:
         """SGD step of member i only where apply[i] == 1 (``--refresh-teachers``)."""
-        from .orc import masked_sgd_step
-
         for optimizer, member_apply in zip(self.optimizers, apply):
             masked_sgd_step(optimizer, member_apply)
 
@@ -392,14 +391,12 @@ class FusedStrategy(SequentialStrategy):
             self.optimizers[index].step()
 
     def masked_step(self, apply: torch.Tensor) -> None:
-        from .orc import masked_sgd_step
-
         self._check_binding()
         if self.optimizer is not None:
             self._sync_hyper()
             for group, fused_group in zip(self.groups, self.optimizer.param_groups):
                 rows = apply.index_select(0, group.index_tensor)
-                masked_sgd_rows(self.optimizer, fused_group, rows)
+                masked_sgd_step(self.optimizer, rows, [fused_group])
             self._link_momentum()
         for index in self.singles:
             masked_sgd_step(self.optimizers[index], apply[index])
@@ -408,31 +405,6 @@ class FusedStrategy(SequentialStrategy):
         self._check_binding()
         pairs = [(self.optimizer, g, group.optimizers[0], 0) for g, group in enumerate(self.groups)]
         return pairs + [(self.optimizers[i], 0, self.optimizers[i], 0) for i in self.singles]
-
-
-@torch.no_grad()
-def masked_sgd_rows(optimizer: torch.optim.SGD, group: dict, rows: torch.Tensor) -> None:
-    """``orc.masked_sgd_step`` over stacked parameters: row i steps where rows[i] == 1.
-
-    The same arithmetic, with the 0/1 mask broadcast over each stacked tensor's rows, and
-    the momentum buffer updated in place (members' optimizer state holds views of it).
-    """
-    if group.get("nesterov") or group.get("maximize") or group.get("dampening", 0) != 0:
-        raise ValueError("masked_sgd_step supports plain momentum SGD (no nesterov, dampening or maximize)")
-    lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
-    for param in group["params"]:
-        if param.grad is None:
-            continue
-        keep = rows.bool().view(-1, *([1] * (param.dim() - 1)))
-        step = param.grad + decay * param.data if decay else param.grad.clone()
-        if momentum:
-            state = optimizer.state[param]
-            buffer = state.get("momentum_buffer")
-            if buffer is None:  # torch starts the buffer at the first gradient: m * 0 + g
-                buffer = state["momentum_buffer"] = torch.zeros_like(step)
-            step = momentum * buffer + step
-            buffer.copy_(torch.where(keep, step, buffer))
-        param.data.copy_(torch.where(keep, param.data - lr * step, param.data))
 
 
 # ---------------------------------------------------------------------------- auto
@@ -540,75 +512,6 @@ class AutoStrategy:
                 candidate.zero_grad()
 
 
-# ---------------------------------------------------------------------------- CUDA graphs
-
-
-class CudaGraphStep:
-    """A whole group step (forwards, losses, backward, every optimizer step) as one CUDA graph.
-
-    The first ``warmup_steps`` calls (and every call while ``auto`` still measures) run
-    eagerly on a side stream, as torch.cuda.graphs requires; then one call captures the step
-    on static input buffers and every call after copies its batch in and replays. Needs what
-    the ORC step already guarantees: static shapes and no host synchronisation. Learning
-    rates become device tensors that each replay refills from the optimizers' current values
-    (SGD runs its fused kernel, which reads lr from a tensor); state the step replaces instead
-    of updating in place (the ORC score average) is carried from the graph's output back to
-    its input after every replay.
-    """
-
-    def __init__(self, group_step, warmup_steps: int = 3):
-        device = torch.device(group_step.scores.average.device)
-        if device.type != "cuda":
-            raise ValueError("--cuda-graphs needs a CUDA device")
-        if group_step.config.error_mixup:
-            raise ValueError("--cuda-graphs cannot capture --error-mixup (its mixing weight is drawn on the host)")
-        self.group_step, self.device, self.warmup_steps = group_step, device, warmup_steps
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.calls = 0
-        self.side_stream = torch.cuda.Stream(device)
-
-    def __call__(self, images: torch.Tensor, target: torch.Tensor):
-        strategy = self.group_step.strategy
-        if self.graph is None and (self.calls < self.warmup_steps or not getattr(strategy, "ready", True)):
-            self.calls += 1
-            main = torch.cuda.current_stream(self.device)
-            self.side_stream.wait_stream(main)
-            with torch.cuda.stream(self.side_stream):
-                output = self.group_step(images, target)
-            main.wait_stream(self.side_stream)
-            return output
-        if self.graph is None:
-            self._capture(images, target)
-        self.static_images.copy_(images)
-        self.static_target.copy_(target)
-        for lr, source, index in self.lrs:
-            lr.fill_(source.param_groups[index]["lr"])
-        self.graph.replay()
-        for before, after in self.carried:
-            before.copy_(after)
-        return type(self.static_output)(*(t.clone() for t in self.static_output))
-
-    def _capture(self, images, target) -> None:
-        strategy = self.group_step.strategy
-        self.static_images, self.static_target = images.clone(), target.clone()
-        self.lrs, restore = [], []
-        for optimizer, index, source, source_index in strategy.graph_optimizers():
-            group = optimizer.param_groups[index]
-            lr = torch.tensor(float(source.param_groups[source_index]["lr"]), device=self.device)
-            restore.append((group, {k: group.get(k) for k in ("lr", "fused", "foreach")}))
-            group.update(lr=lr, fused=True, foreach=False)
-            self.lrs.append((lr, source, source_index))
-        scores = self.group_step.scores
-        before = {k: v for k, v in vars(scores).items() if isinstance(v, torch.Tensor)}
-        self.group_step.strategy.zero_grad()
-        torch.cuda.synchronize(self.device)
-        self.graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(self.graph):
-                self.static_output = self.group_step(self.static_images, self.static_target)
-        finally:
-            for group, values in restore:
-                group["lr"] = values["lr"] if not isinstance(values["lr"], torch.Tensor) else float(values["lr"])
-                group["fused"], group["foreach"] = values["fused"], values["foreach"]
-        after = {k: v for k, v in vars(scores).items() if isinstance(v, torch.Tensor)}
-        self.carried = [(before[k], after[k]) for k in before if after[k] is not before[k]]
+# What ``make_strategy`` returns: every strategy offers the same methods (forward, zero_grad,
+# step, masked_step, run, activate, graph_optimizers, chosen, ready).
+Strategy = SequentialStrategy | AutoStrategy

@@ -28,6 +28,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,12 +36,13 @@ import torch
 
 from . import checkpoint, distributed
 from .backends import BACKENDS, resolve_backend
+from .cuda_graphs import CudaGraphStep
 from .data import DATASETS, DataError, load_dataset, steps_per_epoch, test_batches, train_batches
 from .guard import NAN_POLICIES, NonFiniteGuard, NonFiniteLoss, start_momentum
 from .models import MODELS, build_model
-from .orc import METHODS, StepConfig
+from .orc import METHOD_DEFAULTS, METHODS, GroupStep, StepConfig, loss_form
 from .reference import ERROR_RULES
-from .strategies import STRATEGIES, CudaGraphStep
+from .strategies import STRATEGIES
 
 PROG = "python -m orc_fast.train"
 
@@ -72,14 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="YAML file of flag values (keys as flag names); CLI flags override it")
 
     g = p.add_argument_group("method")
-    g.add_argument("--method", choices=METHODS, default="orc", help="orc, or a baseline: independent (CE only), "
-                   "dml (KD to the mean of the other members), ensemble (KD to the group's mean)")
+    g.add_argument("--method", choices=METHODS, default="orc", help="orc, or a baseline, each at its published "
+                   "settings: independent (CE only), dml (CE + KL to the mean of the other members, tau 1), kdcl "
+                   "(CE + tau^2 KL to KDCL's MinLogit group teacher, tau 2)")
     g.add_argument("--arch", default="resnet8", help=f"one arch for a homogeneous group or a comma list for a mixed "
                    f"one; known: {', '.join(MODELS)}")
     g.add_argument("--num-nets", type=int, default=None, help="group size N (default: 4, or the length of an --arch list)")
     g.add_argument("--teacher-size", type=int, default=None, help="ORC teacher-group size k in [1, N-1] (default N // 2)")
-    g.add_argument("--temperature", type=float, default=4.0, help="KD temperature tau")
-    g.add_argument("--alpha", type=float, default=0.9, help="students' KD weight: (1-alpha) CE + alpha tau^2 KL")
+    g.add_argument("--temperature", type=float, default=None, help="KD temperature tau (default: the method's own)")
+    g.add_argument("--alpha", type=float, default=None,
+                   help="KD weight of the members that distil: (1-alpha) CE + alpha tau^2 KL (default: the method's own)")
+    g.add_argument("--ce-weight", type=float, default=None,
+                   help="with --kd-weight: w_ce CE + w_kd tau^2 KL instead of the alpha form")
+    g.add_argument("--kd-weight", type=float, default=None, help="see --ce-weight")
     g.add_argument("--error-rule", choices=ERROR_RULES, default="any",
                    help="an error image is one the student group gets wrong: any / all / majority of the students, "
                    "or the students' ensemble")
@@ -108,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "whose 8x8 images gain nothing from more and train 4x faster)")
     g.add_argument("--train-subset", type=int, default=0,
                    help="train on a class-balanced subset of this many images (the same for every seed; 0: all)")
+    g.add_argument("--val-split", type=int, default=-1,
+                   help="hold this many class-balanced training images out as the validation split, which picks "
+                   "best.pt and the best member (-1: 10%% of the training images, at most 5,000; 0: none, and no "
+                   "best.pt); the test set is only reported")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="random crop (4-pixel zero padding) and horizontal flip (not for digits), on the device")
 
@@ -224,8 +235,6 @@ def resolve(args: argparse.Namespace) -> dict:
         (args.lr > 0, f"--lr must be > 0, got {args.lr}"),
         (0 <= args.momentum < 1, f"--momentum must lie in [0, 1), got {args.momentum}"),
         (args.weight_decay >= 0, f"--weight-decay must be >= 0, got {args.weight_decay}"),
-        (args.temperature > 0, f"--temperature must be > 0, got {args.temperature}"),
-        (0 <= args.alpha <= 1, f"--alpha must lie in [0, 1], got {args.alpha}"),
         (args.error_weight >= 0, f"--error-weight must be >= 0, got {args.error_weight}"),
         (args.mixup_alpha > 0, f"--mixup-alpha must be > 0, got {args.mixup_alpha}"),
         (0 <= args.rank_momentum < 1, f"--rank-momentum must lie in [0, 1), got {args.rank_momentum}"),
@@ -233,6 +242,7 @@ def resolve(args: argparse.Namespace) -> dict:
         (args.stop_after >= 0, f"--stop-after must be >= 0, got {args.stop_after}"),
         (args.threads >= 0, f"--threads must be >= 0, got {args.threads}"),
         (args.train_subset >= 0, f"--train-subset must be >= 0, got {args.train_subset}"),
+        (args.val_split >= -1, f"--val-split must be >= 0 (or -1 for 10%), got {args.val_split}"),
         (args.dist_timeout > 0, f"--dist-timeout must be > 0, got {args.dist_timeout}"),
     ]
     for ok, message in checks:
@@ -259,12 +269,40 @@ def resolve(args: argparse.Namespace) -> dict:
     except Exception as error:  # noqa: BLE001 - unavailable backend is a usage problem
         raise UsageError(str(error)) from None
     config = {k: v for k, v in vars(args).items() if k not in ("config", "resume", "progress")}
+    config.update(loss_settings(args))
     config.update(
         image_size=args.image_size or (16 if args.dataset == "digits" else 32),
         archs=archs, num_nets=num_nets, teacher_size=teacher_size, milestones=milestones,
         device=str(device), backend_used=backend, out=args.out or f"runs/{args.method}_{args.dataset}",
     )
     return config
+
+
+def loss_settings(args: argparse.Namespace) -> dict:
+    """The method's temperature and loss weights (METHOD_DEFAULTS), with the flags' overrides:
+    --ce-weight/--kd-weight (both), else --alpha (s = 1), else the method's own weights."""
+    defaults = METHOD_DEFAULTS[args.method]
+    temperature = defaults.temperature if args.temperature is None else args.temperature
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise UsageError(f"--temperature must be > 0, got {temperature}")
+    if (args.ce_weight is None) != (args.kd_weight is None):
+        raise UsageError("--ce-weight and --kd-weight go together: give both")
+    if args.ce_weight is not None and args.alpha is not None:
+        raise UsageError("give either --alpha or --ce-weight/--kd-weight, not both")
+    if args.alpha is not None:
+        if not 0 <= args.alpha <= 1:
+            raise UsageError(f"--alpha must lie in [0, 1], got {args.alpha}")
+        scale, alpha = 1.0, args.alpha
+    else:
+        weights = (defaults.ce_weight, defaults.kd_weight) if args.ce_weight is None else (args.ce_weight, args.kd_weight)
+        try:
+            scale, alpha = loss_form(*weights)
+        except ValueError as error:
+            raise UsageError(f"--ce-weight/--kd-weight: {error}") from None
+    overridden = [f for f, v in (("--temperature", args.temperature), ("--alpha", args.alpha),
+                                 ("--ce-weight/--kd-weight", args.ce_weight)) if v is not None]
+    return {"temperature": temperature, "alpha": alpha, "kd_scale": scale, "loss_overrides": overridden,
+            "loss_source": defaults.source}
 
 
 def learning_rate(config: dict, epoch: int, step: int, steps: int) -> float:
@@ -278,21 +316,22 @@ def learning_rate(config: dict, epoch: int, step: int, steps: int) -> float:
 
 
 @torch.inference_mode()
-def evaluate(models, dataset, batch_size: int, exchange=None) -> tuple[list[float], float]:
-    """Top-1 of every member and of the group ensemble (mean softmax), as fractions.
+def evaluate(models, dataset, batch_size: int, exchange=None, split: str = "test") -> tuple[list[float], float]:
+    """Top-1 of every member and of the group ensemble (mean softmax) on ``split`` (test or
+    val), as fractions.
 
     ``exchange`` (member-parallel runs) turns this rank's members' logits into the group's.
     """
     for model in models:
         model.eval()
     correct, ensemble_correct = 0, 0
-    for images, labels in test_batches(dataset, batch_size):
+    for images, labels in test_batches(dataset, batch_size, split):
         logits = torch.stack([model(images) for model in models]).float()
         if exchange is not None:
             logits = exchange(logits)
         correct = correct + (logits.argmax(-1) == labels).sum(1)
         ensemble_correct = ensemble_correct + (logits.softmax(-1).mean(0).argmax(-1) == labels).sum()
-    count = len(dataset.test_labels)
+    count = len(getattr(dataset, f"{split}_labels"))
     return [c / count for c in correct.tolist()], ensemble_correct.item() / count
 
 
@@ -343,45 +382,63 @@ def save_outputs(out: Path, metrics: dict) -> None:
 def check_resumable(state: dict, config: dict, path) -> None:
     """The checkpoint must come from a run with the same group, data and method."""
     saved = state["config"]
-    for key in ("archs", "method", "dataset", "image_size", "train_subset", "teacher_size", "num_classes"):
+    for key in ("archs", "method", "dataset", "image_size", "train_subset", "val_split", "teacher_size", "num_classes"):
         if saved.get(key) != config.get(key):
             raise checkpoint.CheckpointError(
                 f"checkpoint {path} does not match this run: {key} was {saved.get(key)!r}, now {config.get(key)!r}"
             )
 
 
-def run(args: argparse.Namespace) -> dict:
-    config = resolve(args)
-    out = Path(config["out"])
+@dataclass
+class Group:
+    """The members and everything that steps them."""
+
+    models: list
+    optimizers: list
+    group_step: GroupStep  # one training step of the whole group (orc_fast/orc.py)
+    run_step: object  # group_step, or its CUDA-graph capture
+    guard: NonFiniteGuard
+    data_generator: torch.Generator
+    last_roles: torch.Tensor | None = None  # the previous step's roles, for counting role changes
+
+
+def start_process(args: argparse.Namespace, config: dict):
+    """Threads, the process group under torchrun (else a no-op placement), seeds."""
     if args.threads:
         torch.set_num_threads(args.threads)
     elif config["device"] == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
-    # Under torchrun: join the process group; this rank's device and members (else a no-op).
-    placement = distributed.setup(args, config)
+    placement = distributed.setup(args, config)  # this rank's device and members
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    device = torch.device(config["device"])
+    return placement
 
-    # ---- data: uint8 tensors on the device, augmented there in batches
+
+def load_data(args: argparse.Namespace, config: dict):
+    """uint8 tensors on the device, augmented there in batches (docs/design.md §5)."""
     dataset = load_dataset(
-        args.dataset, args.data_dir, args.download, config["image_size"], args.train_subset, device,
-        log=lambda message: print(message, flush=True),
+        args.dataset, args.data_dir, args.download, config["image_size"], args.train_subset,
+        torch.device(config["device"]), log=lambda message: print(message, flush=True), val_split=args.val_split,
     )
     config.update(num_classes=dataset.num_classes, train_size=len(dataset.train_labels),
-                  test_size=len(dataset.test_labels))
-    data_generator = torch.Generator(device=device).manual_seed(args.seed)
+                  val_size=len(dataset.val_labels), test_size=len(dataset.test_labels))
+    return dataset
 
-    # ---- the group: one model and one SGD optimizer per member
-    models = placement.build_models(config["archs"], lambda arch: build_model(arch, dataset.num_classes), device)
+
+def build_group(args: argparse.Namespace, config: dict, num_classes: int, placement) -> Group:
+    """One model and one SGD optimizer per member, the group step and its NaN guard."""
+    device = torch.device(config["device"])
+    data_generator = torch.Generator(device=device).manual_seed(args.seed)
+    models = placement.build_models(config["archs"], lambda arch: build_model(arch, num_classes), device)
     optimizers = [
         start_momentum(torch.optim.SGD(m.parameters(), lr=args.lr, momentum=args.momentum,
                                        weight_decay=args.weight_decay))
         for m in models
     ]
     step_config = StepConfig(
-        method=args.method, teacher_size=config["teacher_size"], temperature=args.temperature, alpha=args.alpha,
+        method=args.method, teacher_size=config["teacher_size"], temperature=config["temperature"],
+        alpha=config["alpha"], kd_scale=config["kd_scale"],
         error_weight=args.error_weight, error_rule=args.error_rule, error_mixup=args.error_mixup,
         mixup_alpha=args.mixup_alpha, refresh_teachers=args.refresh_teachers, rank_momentum=args.rank_momentum,
         backend=args.backend, strategy=args.strategy, compile=args.compile,
@@ -389,122 +446,195 @@ def run(args: argparse.Namespace) -> dict:
     group_step = placement.group_step(models, optimizers, step_config, device, data_generator)
     run_step = CudaGraphStep(group_step) if args.cuda_graphs else group_step
     guard = NonFiniteGuard(args.nan_policy, device, group_step.state_tensors)
+    return Group(models, optimizers, group_step, run_step, guard, data_generator)
 
-    metrics = {"config": config, "epochs": [], "final": None}
-    start_epoch, best_accuracy = 0, -1.0
-    if args.resume:
-        path, state = placement.load_checkpoint(out, args.resume)
-        check_resumable(state, config, path)
-        try:
-            for model, saved in zip(models, state["models"], strict=True):
-                model.load_state_dict(saved)
-            for optimizer, saved in zip(optimizers, state["optimizers"], strict=True):
-                optimizer.load_state_dict(saved)
-            group_step.scores.load_state_dict(state["scores"])
-            checkpoint.set_rng_state(state["rng"], data_generator)
-        except (RuntimeError, ValueError, KeyError, TypeError) as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise checkpoint.CheckpointError(f"checkpoint {path} does not fit these models: {first_line}") from None
-        start_epoch, best_accuracy = state["epoch"], state.get("best_ensemble_acc", -1.0)
-        metrics["epochs"] = state["metrics"]["epochs"]
-        print(f"resumed from {path} after epoch {start_epoch}")
 
+def resume(args: argparse.Namespace, config: dict, group: Group, placement, metrics: dict) -> tuple[int, float]:
+    """Load --resume's checkpoint into the group; (epochs done, best accuracy so far)."""
+    if not args.resume:
+        return 0, -1.0
+    path, state = placement.load_checkpoint(Path(config["out"]), args.resume)
+    check_resumable(state, config, path)
+    try:
+        for model, saved in zip(group.models, state["models"], strict=True):
+            model.load_state_dict(saved)
+        for optimizer, saved in zip(group.optimizers, state["optimizers"], strict=True):
+            optimizer.load_state_dict(saved)
+        group.group_step.scores.load_state_dict(state["scores"])
+        checkpoint.set_rng_state(state["rng"], group.data_generator)
+        if state.get("last_roles") is not None:
+            group.last_roles = state["last_roles"].to(config["device"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise checkpoint.CheckpointError(f"checkpoint {path} does not fit these models: {first_line}") from None
+    metrics["epochs"] = state["metrics"]["epochs"]
+    print(f"resumed from {path} after epoch {state['epoch']}")
+    return state["epoch"], state.get("best_ensemble_acc", -1.0)
+
+
+def announce(args: argparse.Namespace, config: dict, placement) -> None:
     names = ", ".join(f"{count} x {arch}" for arch, count in _runs(config["archs"]))
     print(
-        f"{args.method} on {args.dataset} ({config['train_size']} train / {config['test_size']} test images, "
-        f"{dataset.num_classes} classes): {names} on {device}, loss backend {config['backend_used']}"
+        f"{args.method} on {args.dataset} ({config['train_size']} train / {config['val_size']} validation / "
+        f"{config['test_size']} test images, "
+        f"{config['num_classes']} classes): {names} on {config['device']}, loss backend {config['backend_used']}"
         + (f", k = {config['teacher_size']} teachers" if args.method == "orc" else "")
     )
+    if args.method != "independent":
+        scale, alpha = config["kd_scale"], config["alpha"]
+        where = "overridden by " + ", ".join(config["loss_overrides"]) if config["loss_overrides"] else config["loss_source"]
+        print(f"loss: {scale * (1 - alpha):g} CE + {scale * alpha:g} tau^2 KL, tau = {config['temperature']:g} ({where})")
     if placement.describe():
         print(placement.describe())
-    checkpoint.remove_stale_temps(out)  # what a crash in the middle of a save left behind
-    show_bar = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
+
+
+def train_epoch(args: argparse.Namespace, config: dict, group: Group, dataset, epoch: int,
+                show_bar: bool) -> tuple[dict, float]:
+    """One pass over the training set: the epoch's training record (no accuracies yet) and its
+    seconds."""
+    device = torch.device(config["device"])
+    for model in group.models:
+        model.train()
     steps = steps_per_epoch(len(dataset.train_labels), args.batch_size)
-    last_epoch = min(args.epochs, args.stop_after) if args.stop_after else args.epochs
+    loss_sum = torch.zeros(config["num_nets"], device=device)
+    teacher_steps = torch.zeros(config["num_nets"], device=device)
+    role_changes = torch.zeros((), device=device)
+    bar = ProgressBar(show_bar, steps, f"epoch {epoch + 1}/{args.epochs}")
+    images_seen, started = 0, time.perf_counter()
+    batches = train_batches(dataset, args.batch_size, group.data_generator, args.augment)
+    for step, (images, labels) in enumerate(batches):
+        lr = learning_rate(config, epoch, step, steps)
+        for optimizer in group.optimizers:
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = lr
+        group.guard.before_step()
+        result = group.run_step(images, labels)
+        group.guard.after_step(result.losses, epoch, step)
+        loss_sum += result.losses
+        teacher_steps += result.roles
+        # Members whose role differs from the step before (the run's first step has none).
+        previous = result.roles if group.last_roles is None else group.last_roles
+        role_changes += (result.roles != previous).sum()
+        group.last_roles = result.roles
+        images_seen += len(labels)
+        bar.update(step + 1, images_seen)
+    group.guard.flush()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    train_seconds = time.perf_counter() - started
+    bar.close()
+    record = {
+        "epoch": epoch + 1,
+        "train_loss": (loss_sum / steps).tolist(),
+        "teacher_fraction": (teacher_steps / steps).tolist(),
+        "role_changes": (role_changes / steps).item(),
+        "images_per_s": images_seen / train_seconds,
+        "skipped_steps": group.guard.take_skipped(),
+        "strategy": group.group_step.strategy.chosen,
+    }
+    return record, train_seconds
 
-    # ---- the training loop
-    for epoch in range(start_epoch, last_epoch):
-        for model in models:
-            model.train()
-        loss_sum = torch.zeros(config["num_nets"], device=device)
-        teacher_steps = torch.zeros(config["num_nets"], device=device)
-        bar = ProgressBar(show_bar, steps, f"epoch {epoch + 1}/{args.epochs}")
-        images_seen, started = 0, time.perf_counter()
-        for step, (images, labels) in enumerate(train_batches(dataset, args.batch_size, data_generator, args.augment)):
-            lr = learning_rate(config, epoch, step, steps)
-            for optimizer in optimizers:
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-            guard.before_step()
-            result = run_step(images, labels)
-            guard.after_step(result.losses, epoch, step)
-            loss_sum += result.losses
-            teacher_steps += result.roles
-            images_seen += len(labels)
-            bar.update(step + 1, images_seen)
-        guard.flush()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        train_seconds = time.perf_counter() - started
-        bar.close()
-        skipped = guard.take_skipped()
 
-        evaluated = (epoch + 1) % args.eval_every == 0 or epoch + 1 == last_epoch
-        member_acc, ensemble_acc = (
-            evaluate(models, dataset, args.eval_batch_size, placement.exchange) if evaluated else (None, None)
-        )
-        record = {
-            "epoch": epoch + 1,
-            "train_loss": (loss_sum / steps).tolist(),
-            "test_acc": member_acc,
-            "ensemble_acc": ensemble_acc,
-            "teacher_fraction": (teacher_steps / steps).tolist(),
-            "images_per_s": images_seen / train_seconds,
-            "skipped_steps": skipped,
-            "strategy": group_step.strategy.chosen,
-        }
-        metrics["epochs"].append(record)
-        if evaluated:
-            metrics["final"] = {"test_acc": member_acc, "ensemble_acc": ensemble_acc}
+def save_epoch(out: Path, config: dict, group: Group, placement, metrics: dict, epoch: int, is_best: bool,
+               best_accuracy: float) -> None:
+    """Checkpoints (atomic; latest.pt, best.pt when best; per rank under torchrun), then
+    metrics.json and the plot."""
+    out.mkdir(parents=True, exist_ok=True)
+    state = {
+        "epoch": epoch, "config": config,
+        "models": [m.state_dict() for m in group.models], "optimizers": [o.state_dict() for o in group.optimizers],
+        "scores": group.group_step.scores.state_dict(), "rng": checkpoint.rng_state(group.data_generator),
+        "metrics": {"epochs": metrics["epochs"]}, "best_ensemble_acc": best_accuracy,
+        "last_roles": None if group.last_roles is None else group.last_roles.cpu(),
+    }
+    placement.save_checkpoint(out, state, is_best)
+    if placement.is_main:
+        save_outputs(out, metrics)
 
-        # ---- outputs: checkpoints (atomic), metrics.json, the plot, one summary line
-        out.mkdir(parents=True, exist_ok=True)
-        state = {
-            "epoch": epoch + 1, "config": config,
-            "models": [m.state_dict() for m in models], "optimizers": [o.state_dict() for o in optimizers],
-            "scores": group_step.scores.state_dict(), "rng": checkpoint.rng_state(data_generator),
-            "metrics": {"epochs": metrics["epochs"]},
-        }
-        is_best = evaluated and ensemble_acc > best_accuracy
-        if is_best:
-            best_accuracy = ensemble_acc
-        state["best_ensemble_acc"] = best_accuracy
-        placement.save_checkpoint(out, state, is_best)  # latest.pt (+ best.pt); per rank under torchrun
-        if placement.is_main:
-            save_outputs(out, metrics)
-        accuracy = f"acc {percent(member_acc)}  ens {100 * ensemble_acc:5.2f}" if evaluated else "acc (not evaluated)"
-        teacher = "  teacher " + " ".join(f"{t:.2f}" for t in record["teacher_fraction"]) if args.method == "orc" else ""
-        print(
-            f"epoch {epoch + 1:3d}/{args.epochs}  loss " + " ".join(f"{v:.3f}" for v in record["train_loss"])
-            + f"  {accuracy}{teacher}  {record['images_per_s']:.0f} img/s  {train_seconds:.1f}s"
-            + (f"  ({skipped} non-finite steps skipped)" if skipped else ""),
-            flush=True,
-        )
 
+def report_epoch(args: argparse.Namespace, record: dict, seconds: float) -> None:
+    member_acc, ensemble_acc = record["test_acc"], record["ensemble_acc"]
+    evaluated = member_acc is not None
+    accuracy = f"acc {percent(member_acc)}  ens {100 * ensemble_acc:5.2f}" if evaluated else "acc (not evaluated)"
+    teacher = ("  teacher " + " ".join(f"{t:.2f}" for t in record["teacher_fraction"])
+               + f"  role changes/step {record['role_changes']:.2f}") if args.method == "orc" else ""
+    if record.get("val_ensemble_acc") is not None:
+        accuracy += f"  val ens {100 * record['val_ensemble_acc']:5.2f}"
+    skipped = record["skipped_steps"]
+    print(
+        f"epoch {record['epoch']:3d}/{args.epochs}  loss " + " ".join(f"{v:.3f}" for v in record["train_loss"])
+        + f"  {accuracy}{teacher}  {record['images_per_s']:.0f} img/s  {seconds:.1f}s"
+        + (f"  ({skipped} non-finite steps skipped)" if skipped else ""),
+        flush=True,
+    )
+
+
+def final_record(record: dict) -> dict:
+    """The run's result after an evaluated epoch: test accuracies, and the best member as the
+    validation split ranks it (None without a validation split)."""
+    val_acc = record.get("val_acc")
+    best_member = None if val_acc is None else max(range(len(val_acc)), key=val_acc.__getitem__)
+    return {"test_acc": record["test_acc"], "ensemble_acc": record["ensemble_acc"], "val_acc": val_acc,
+            "val_ensemble_acc": record.get("val_ensemble_acc"), "best_member": best_member}
+
+
+def report_final(args: argparse.Namespace, config: dict, metrics: dict, last_epoch: int, placement) -> None:
     if metrics["final"] is None:
         # Resumed a run that had already finished: report it without writing anything.
         evaluated_epochs = [e for e in metrics["epochs"] if e["test_acc"] is not None]
         if evaluated_epochs:
-            metrics["final"] = {"test_acc": evaluated_epochs[-1]["test_acc"],
-                                "ensemble_acc": evaluated_epochs[-1]["ensemble_acc"]}
-    if metrics["final"] is not None:
-        stopped = last_epoch < args.epochs
-        print(f"{'test accuracy after epoch ' + str(last_epoch) if stopped else 'final test accuracy'}"
-              f" ({args.method}, {args.dataset}):")
-        for i, (arch, acc) in enumerate(zip(config["archs"], metrics["final"]["test_acc"])):
-            print(f"  member {i} ({arch}): {100 * acc:.2f}%")
-        print(f"  ensemble: {100 * metrics['final']['ensemble_acc']:.2f}%")
-        print(f"outputs in {out}/ (metrics.json, {placement.checkpoint_files}, curves.png)")
+            metrics["final"] = final_record(evaluated_epochs[-1])
+    if metrics["final"] is None:
+        return
+    stopped = last_epoch < args.epochs
+    print(f"{'test accuracy after epoch ' + str(last_epoch) if stopped else 'final test accuracy'}"
+          f" ({args.method}, {args.dataset}):")
+    for i, (arch, acc) in enumerate(zip(config["archs"], metrics["final"]["test_acc"])):
+        print(f"  member {i} ({arch}): {100 * acc:.2f}%")
+    print(f"  ensemble: {100 * metrics['final']['ensemble_acc']:.2f}%")
+    if metrics["final"]["best_member"] is not None:
+        best = metrics["final"]["best_member"]
+        print(f"  best member on validation: {best} ({100 * metrics['final']['test_acc'][best]:.2f}% test)")
+    print(f"outputs in {config['out']}/ (metrics.json, {placement.checkpoint_files}, curves.png)")
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The whole run, phase by phase: build it, resume, then train / evaluate / save / report
+    each epoch."""
+    config = resolve(args)
+    out = Path(config["out"])
+    placement = start_process(args, config)
+    dataset = load_data(args, config)
+    group = build_group(args, config, dataset.num_classes, placement)
+    metrics = {"config": config, "epochs": [], "final": None}
+    start_epoch, best_accuracy = resume(args, config, group, placement, metrics)
+    announce(args, config, placement)
+    checkpoint.remove_stale_temps(out)  # what a crash in the middle of a save left behind
+    show_bar = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
+    last_epoch = min(args.epochs, args.stop_after) if args.stop_after else args.epochs
+
+    for epoch in range(start_epoch, last_epoch):
+        record, seconds = train_epoch(args, config, group, dataset, epoch, show_bar)
+        evaluated = (epoch + 1) % args.eval_every == 0 or epoch + 1 == last_epoch
+        member_acc, ensemble_acc = (
+            evaluate(group.models, dataset, args.eval_batch_size, placement.exchange) if evaluated else (None, None)
+        )
+        val_acc, val_ensemble_acc = (
+            evaluate(group.models, dataset, args.eval_batch_size, placement.exchange, split="val")
+            if evaluated and config["val_size"] else (None, None)
+        )
+        record.update(test_acc=member_acc, ensemble_acc=ensemble_acc, val_acc=val_acc, val_ensemble_acc=val_ensemble_acc)
+        metrics["epochs"].append(record)
+        # best.pt is chosen on the validation split only; without one there is no best.pt.
+        is_best = val_ensemble_acc is not None and val_ensemble_acc > best_accuracy
+        if evaluated:
+            metrics["final"] = final_record(record)
+        if is_best:
+            best_accuracy = val_ensemble_acc
+        save_epoch(out, config, group, placement, metrics, epoch + 1, is_best, best_accuracy)
+        report_epoch(args, record, seconds)
+
+    report_final(args, config, metrics, last_epoch, placement)
     placement.close()
     return metrics
 

@@ -189,3 +189,23 @@ def test_shared_cifar10_layout():
     assert len(classes) == 10
     assert sum(len(v) for v in listing["train"].values()) == 50000
     assert sum(len(v) for v in listing["test"].values()) == 10000
+
+
+def test_validation_split_is_held_out_class_balanced_and_fixed():
+    from orc_fast.data import load_dataset
+
+    full = load_dataset("digits", image_size=16, val_split=0)
+    split = load_dataset("digits", image_size=16, val_split=100)
+    again = load_dataset("digits", image_size=16, val_split=100)
+    assert len(split.val_labels) == 100 and len(split.train_labels) == len(full.train_labels) - 100
+    counts = torch.bincount(split.val_labels, minlength=10)
+    assert counts.max() - counts.min() <= 1  # class-balanced
+    # Disjoint from training: every training image of the full set lands in exactly one split.
+    def keys(images):
+        return {bytes(image.flatten().tolist()) for image in images}
+
+    val_keys, train_keys = keys(split.val_images), keys(split.train_images)
+    assert not val_keys & train_keys
+    assert val_keys | train_keys == keys(full.train_images)
+    assert torch.equal(split.val_labels, again.val_labels) and torch.equal(split.val_images, again.val_images)
+    assert len(load_dataset("digits", image_size=16, val_split=-1).val_labels) == len(full.train_labels) // 10

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from orc_fast.masked_sgd import masked_sgd_step
 from orc_fast.orc import (
     METHODS,
     GroupStep,
@@ -17,9 +18,10 @@ from orc_fast.orc import (
     assign_roles,
     batch_scores,
     dml_losses,
-    ensemble_losses,
     independent_losses,
-    masked_sgd_step,
+    kdcl_losses,
+    loss_form,
+    min_logit_teacher,
     orc_losses,
     preserved_buffers,
 )
@@ -236,12 +238,36 @@ def test_independent_is_cross_entropy():
     torch.testing.assert_close(losses.per_member, ce_rows(logits, target).mean(1))
 
 
-def test_ensemble_distils_from_the_whole_group():
+def test_kdcl_distils_from_the_min_logit_teacher():
     logits, target = random_group()
+    shifted = logits.double() - logits.double().gather(2, target.view(1, -1, 1).expand(4, -1, 1))
+    teacher = shifted.min(0).values  # KDCL-MinLogit: class-wise minimum of z_i - z_i[y]
+    torch.testing.assert_close(min_logit_teacher(logits, target).double(), teacher)
     z = logits.double().requires_grad_()
-    expected = ((1 - ALPHA) * ce_rows(z, target) + ALPHA * TAU**2 * kd_term(z, logits, torch.ones(4))).mean(1)
-    losses = ensemble_losses(logits, target, temperature=TAU, alpha=ALPHA)
-    torch.testing.assert_close(losses.per_member.double(), expected.detach(), rtol=1e-5, atol=1e-6)
+    kl = (F.softmax(teacher / 2.0, -1) * (F.log_softmax(teacher / 2.0, -1) - F.log_softmax(z / 2.0, -1))).sum(-1)
+    expected = (ce_rows(z, target) + 2.0**2 * kl).mean(1)  # CE + tau^2 KL, tau = 2 (the defaults)
+    losses = kdcl_losses(logits, target)
+    torch.testing.assert_close(losses.per_member.double(), expected.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_dml_defaults_are_ce_plus_kl_at_temperature_one():
+    logits, target = random_group()
+    z = logits.double()
+    probs = F.softmax(z, -1)
+    expected = []
+    for i in range(4):
+        mean_others = (probs.sum(0) - probs[i]) / 3
+        kl = (mean_others * (mean_others.log() - F.log_softmax(z[i], -1))).sum(-1)
+        expected.append((F.cross_entropy(z[i], target, reduction="none") + kl).mean())
+    losses = dml_losses(logits, target)
+    torch.testing.assert_close(losses.per_member.double(), torch.stack(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_loss_form_maps_weights_to_scale_and_alpha():
+    assert loss_form(1.0, 1.0) == (2.0, 0.5)
+    assert loss_form(0.1, 0.9) == pytest.approx((1.0, 0.9))
+    with pytest.raises(ValueError):
+        loss_form(0.0, 0.0)
 
 
 def test_dml_distils_from_the_others_only():
@@ -255,7 +281,7 @@ def test_dml_distils_from_the_others_only():
         expected.append(((1 - ALPHA) * ce_rows(z[i][None], target)[0] + ALPHA * TAU**2 * kl).mean())
     expected = torch.stack(expected)
     x = logits.clone().requires_grad_()
-    losses = dml_losses(x, target, temperature=TAU, alpha=ALPHA)
+    losses = dml_losses(x, target, temperature=TAU, alpha=ALPHA, kd_scale=1.0)
     torch.testing.assert_close(losses.per_member.double(), expected.detach(), rtol=1e-5, atol=1e-6)
     grad, = torch.autograd.grad(losses.total, x)
     expected_grad, = torch.autograd.grad(expected.sum(), z)
@@ -297,7 +323,7 @@ OPTIONS = [
     {"method": "orc", "refresh_teachers": True, "error_mixup": True, "rank_momentum": 0.9, "error_rule": "ensemble"},
     {"method": "independent"},
     {"method": "dml"},
-    {"method": "ensemble"},
+    {"method": "kdcl"},
 ]
 
 
@@ -410,4 +436,4 @@ def test_unknown_method_is_rejected():
     models, optimizers = make_group(2)
     with pytest.raises(ValueError, match="unknown method"):
         GroupStep(models, optimizers, StepConfig(method="nope"), "cpu", None)
-    assert set(METHODS) == {"orc", "independent", "dml", "ensemble"}
+    assert set(METHODS) == {"orc", "independent", "dml", "kdcl"}

@@ -326,7 +326,7 @@ def test_gpu_strategies_match_and_never_sync(strategy, group, exact_cuda):
 @pytest.mark.gpu
 @pytest.mark.parametrize("strategy", ["sequential", "fused"])
 def test_gpu_cuda_graph_step_matches_eager_and_never_syncs(strategy, exact_cuda):
-    from orc_fast.strategies import CudaGraphStep
+    from orc_fast.cuda_graphs import CudaGraphStep
 
     base_models, base_optimizers, base_step = cuda_group(MIXED, "sequential")
     models, optimizers, step = cuda_group(MIXED, strategy)
