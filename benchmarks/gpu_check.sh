@@ -13,10 +13,11 @@
 # summary is written, whatever the stages did: the summary is the result.
 #
 # Knobs: GPU_CHECK_PYTHON (default python3), GPU_CHECK_TOTAL_S (whole-run budget, default
-# 460 s), GPU_CHECK_BUDGET_<stage> (one stage's budget), GPU_CHECK_COMPILE_BUDGET_S
+# 450 s; each stage may overrun its budget by 15 s), GPU_CHECK_BUDGET_<stage> (one stage's budget), GPU_CHECK_COMPILE_BUDGET_S
 # (torch.compile warm-up cap inside each benchmark), GPU_CHECK_SITE (where .whl/ wheels
-# go, default /tmp/site), GPU_CHECK_FAIL_STAGE=<stage> (dry run only: make that stage
-# fail, to test that the later ones and the summary still happen).
+# go, default /tmp/site), GPU_CHECK_FAIL_STAGE=<stage> / GPU_CHECK_HANG_STAGE=<stage> (dry
+# run only: make that stage fail / hang until its timeout, to test that the later stages
+# and the summary still happen).
 
 # No `set -e`: a failed or timed-out stage must not stop the later stages or the summary.
 set -u -o pipefail
@@ -175,6 +176,10 @@ if [[ ${1:-} == --stage ]]; then  # one stage, run by the loop below under `time
     echo "GPU_CHECK_FAIL_STAGE=$STAGE: failing this stage on purpose"
     exit 3
   fi
+  if [[ $DRY == 1 && ${GPU_CHECK_HANG_STAGE:-} == "$STAGE" ]]; then
+    echo "GPU_CHECK_HANG_STAGE=$STAGE: hanging until the stage's timeout"
+    exec sleep 600
+  fi
   "stage_$STAGE"
   exit $?
 fi
@@ -190,7 +195,7 @@ fi
 [[ $DRY == 1 ]] && { bash -n "$SELF" || { echo "bash -n $SELF failed" >&2; exit 1; }; }
 
 STARTED=$(date +%s)
-DEADLINE=$((STARTED + ${GPU_CHECK_TOTAL_S:-460}))
+DEADLINE=$((STARTED + ${GPU_CHECK_TOTAL_S:-450}))
 CARD=$(nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader 2>/dev/null | head -n 1)
 [[ -n $CARD ]] || CARD="no nvidia-smi answer (no GPU here)"
 declare -A STATUS=() RC=() SECS=() TIMED=() USED=()
@@ -241,7 +246,7 @@ for s in "${STAGES[@]}"; do
   budget=${!budget_var:-${BUDGET[$s]}}
   left=$((DEADLINE - $(date +%s)))
   (( budget > left )) && budget=$left
-  if (( budget < 10 )); then
+  if (( left < 10 )); then
     STATUS[$s]="skipped (whole-run budget spent)"
     write_summary
     continue
@@ -250,8 +255,9 @@ for s in "${STAGES[@]}"; do
   USED[$s]=$budget
   start=$(date +%s)
   # In the background so that a signal to this script is handled at once (wait returns);
-  # SIGINT first, so pytest prints its summary, then SIGKILL 5 s later.
-  STAGE=$s PYTHONUNBUFFERED=1 timeout -s INT -k 5 "$budget" bash "$SELF" --stage "$s" >"$OUT/$s.log" 2>&1 &
+  # SIGINT first, so pytest prints its summary, then SIGKILL 15 s later (a loaded machine
+  # can take seconds to unwind torch and exit).
+  STAGE=$s PYTHONUNBUFFERED=1 timeout -s INT -k 15 "$budget" bash "$SELF" --stage "$s" >"$OUT/$s.log" 2>&1 &
   CHILD=$!
   wait "$CHILD"
   rc=$?
