@@ -15,6 +15,8 @@ variant's fastest round (robust to a shared machine's load spikes; medians shown
 timings from different runs or machines are not comparable (docs/design.md §7).
 ``ORC_FAST_BENCH_TABLE=file.md`` also writes it to a file. ``auto`` is timed after its own
 measurement steps (those run untimed first, like a warm-up), with the strategy it chose.
+``ORC_FAST_BENCH_WARMUP_BUDGET_S=N`` caps the build + warm-up time of one group: once N
+seconds are spent, its remaining compiled variants are skipped (named under the table).
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ CPU_THREADS = int(os.environ.get("ORC_FAST_BENCH_THREADS", 0)) or max(1, (os.cpu
 # (device, group, strategy, flag) -> (fastest step s, median step s, strategy that ran, auto's own timings)
 RESULTS: dict = {}
 DATA_SECONDS: dict = {}
+# Compile warm-ups dominate a run; a time-boxed run (benchmarks/gpu_check.sh) caps them so
+# the eager and CUDA-graph rows of every strategy still get timed. Unset: no cap.
+WARMUP_BUDGET_S = float(os.environ.get("ORC_FAST_BENCH_WARMUP_BUDGET_S", "inf"))
+SKIPPED: dict = {}  # (device, group) -> variants skipped for the warm-up budget
 
 
 def synthetic_cifar100(device, images: int = 2048) -> DeviceDataset:
@@ -148,7 +154,11 @@ def test_group_step(benchmark, device, group):
         torch.set_num_threads(CPU_THREADS)
     batches = endless_batches(synthetic_cifar100(device), device)
     steps = {}
+    started = time.perf_counter()
     for strategy, flag in variants(device):
+        if "compile" in flag and time.perf_counter() - started >= WARMUP_BUDGET_S:
+            SKIPPED.setdefault((device, group), []).append(f"{strategy}/{flag}")
+            continue
         step, group_step = build_variant(device, GROUPS[group], strategy, flag)
         warm_up(step, group_step, batches, minimum=1 if flag == "eager" and device == "cpu" else 3)
         steps[(strategy, flag)] = (step, group_step)
@@ -199,6 +209,9 @@ def results_table() -> str:
     lines += ["", "auto: what it measured on its first steps (best step, ms) and what it chose",
               "", "| device | group | compile / graphs | chose | measured | vs sequential eager (fastest / median) |",
               "| --- | --- | --- | --- | --- | ---: |", *auto_lines]
+    for (device, group), names in SKIPPED.items():
+        lines += ["", f"skipped on {device}, {group} (warm-up budget ORC_FAST_BENCH_WARMUP_BUDGET_S="
+                  f"{WARMUP_BUDGET_S:g} s spent): {', '.join(names)}"]
     if DATA_SECONDS:
         lines.append("")
         lines.append("data batch (gather + crop/flip + normalise, 128 images): " + ", ".join(
