@@ -148,7 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch (0: half the cores on a CPU run: small convolutions gain little "
                    "from more, and OpenMP threads stall badly on a busy machine)")
-    g.add_argument("--out", default=None, help="output folder (default: runs/<method>_<dataset>)")
+    g.add_argument("--out", default=None,
+                   help="output folder (default: runs/<method>_<dataset>_<date-time>, new for every run)")
+    g.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
+                   help="start afresh in an --out folder that holds a run (its files are replaced); without it, "
+                   "such a folder is refused unless --resume")
     g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                    help="continue from a checkpoint (default: <out>/latest.pt); the model/data flags must match")
     g.add_argument("--stop-after", type=int, default=0,
@@ -273,9 +277,27 @@ def resolve(args: argparse.Namespace) -> dict:
     config.update(
         image_size=args.image_size or (16 if args.dataset == "digits" else 32),
         archs=archs, num_nets=num_nets, teacher_size=teacher_size, milestones=milestones,
-        device=str(device), backend_used=backend, out=args.out or f"runs/{args.method}_{args.dataset}",
+        device=str(device), backend_used=backend,
+        out=args.out or f"runs/{args.method}_{args.dataset}_{time.strftime('%Y%m%d-%H%M%S')}",
     )
+    check_out_folder(Path(config["out"]), resuming=bool(args.resume), overwrite=args.overwrite)
     return config
+
+
+RUN_FILES = ("metrics.json", "latest.pt", "best.pt", "latest.json", "best.json")
+
+
+def check_out_folder(out: Path, resuming: bool, overwrite: bool) -> None:
+    """Refuse, before any work, an --out that is a file, or that holds a run this one would
+    overwrite (unless --resume continues it or --overwrite says so)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    if resuming or overwrite or not out.is_dir():
+        return
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    if held:
+        raise UsageError(f"--out {out} already holds a run ({', '.join(held)}): continue it with --resume, "
+                         f"replace it with --overwrite, or pick another --out")
 
 
 def loss_settings(args: argparse.Namespace) -> dict:

@@ -181,6 +181,8 @@ def bad_cases(tmp_path):
         "mismatched checkpoint": (["--arch", "resnet14", "--resume"], "does not match this run: archs"),
         "bad number": (["--epochs", "zero"], "invalid int value"),
         "bad config": (["--config", str(tmp_path / "none.yaml")], "cannot read --config"),
+        "used folder": ([], "already holds a run"),
+        "file as out": (["--out", str(corrupt)], "is a file, not a folder"),
     }
 
 
@@ -188,13 +190,16 @@ def bad_cases(tmp_path):
     "case",
     ["unknown arch", "unknown arch in a list", "unknown dataset", "unknown method", "missing folder", "empty folder",
      "class mismatch", "teacher size 0", "teacher size N", "corrupt checkpoint", "missing checkpoint",
-     "mismatched checkpoint", "bad number", "bad config"],
+     "mismatched checkpoint", "bad number", "bad config", "used folder", "file as out"],
 )
 def test_bad_input_is_one_line_exit_2_and_overwrites_nothing(case, previous_run, tmp_path, capsys):
     argv, message = bad_cases(tmp_path)[case]
     before = snapshot(previous_run)
     try:
-        code = main(FAST + ["--epochs", "2", "--out", str(previous_run)] + argv)
+        # --overwrite: even where a run may be replaced, bad input must leave it untouched
+        # (except the case that checks the refusal of a used folder itself).
+        overwrite = [] if case == "used folder" else ["--overwrite"]
+        code = main(FAST + ["--epochs", "2", "--out", str(previous_run)] + overwrite + argv)
     except SystemExit as exit_info:  # argparse errors exit from inside
         code = exit_info.code
     err = capsys.readouterr().err
