@@ -5,6 +5,7 @@ this hook makes `pytest benchmarks` collect them.
 """
 
 import pytest
+from fused_linear_cases import results_table as fused_linear_table
 from loss_cases import results_table
 
 
@@ -20,3 +21,7 @@ def pytest_terminal_summary(terminalreporter):
     if table:
         terminalreporter.write_sep("=", "group-KD loss: forward + backward, median of the timed rounds")
         terminalreporter.write_line(table)
+    fused = fused_linear_table()
+    if fused:
+        terminalreporter.write_sep("=", "group KD from hidden states: fused vs materialised logits, forward + backward")
+        terminalreporter.write_line(fused)
