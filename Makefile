@@ -14,10 +14,13 @@ SOURCES   := Makefile setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cu
 setup: $(STAMP)
 
 # Re-runs only when the build inputs change, so a second `make setup` is quick.
+# ORC_FAST_REQUIRE_EXTENSION=1: a C++/CUDA compile error fails the setup (and so `make
+# test` and CI) instead of installing a reference-only package whose cpu tests skip; a
+# plain `pip install .` still falls back, with a warning (setup.py).
 $(STAMP): $(SOURCES)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check $(PIP_DEPS)
-	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation -e .
+	ORC_FAST_REQUIRE_EXTENSION=1 $(PY) -m pip install -q --disable-pip-version-check --no-build-isolation -e .
 	$(PY) -c "import orc_fast; print('orc_fast backends here:', orc_fast.available_backends())"
 	touch $(STAMP)
 

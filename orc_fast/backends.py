@@ -11,23 +11,13 @@ import os
 
 import torch
 
+from .ops import EXTENSION_MISSING, group_kd_fused_op, group_kd_reference_op
+
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 
 
 class BackendUnavailableError(RuntimeError):
     """A backend was asked for that is not built, or cannot run on the tensors' device."""
-
-
-def _load_extension() -> str | None:
-    """Load the C++ extension; return why it is missing, or None when it loaded."""
-    try:
-        from . import _C  # noqa: F401  (registers orc_fast::group_kd_fused)
-    except ImportError as error:
-        return f"the C++ extension orc_fast._C is not built ({error}); reinstall with a C++ compiler present"
-    from .ops import register_autograd_and_fake
-
-    register_autograd_and_fake(torch.ops.orc_fast.group_kd_fused.default)
-    return None
 
 
 def _load_triton() -> str | None:
@@ -44,9 +34,9 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# Registered once, at import: torch.compile may trace the dispatch below, and a first
-# registration inside a traced region is not allowed.
-EXTENSION_MISSING = _load_extension()
+# Loaded once, at import: torch.compile may trace the dispatch below, and a first
+# registration inside a traced region is not allowed (the ops themselves are registered
+# by .ops, the Triton one when its module is imported here).
 TRITON_MISSING = _load_triton()
 # Which devices the extension has kernels for (the CUDA ones need nvcc at build time).
 EXTENSION_DEVICES = frozenset(
@@ -98,14 +88,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 def op_for(backend: str):
     """The registered op that implements a concrete backend."""
     if backend == "reference":
-        from .ops import group_kd_reference_op
-
         return group_kd_reference_op
     if backend == "triton":
         from .kernels import group_kd_triton
 
         return group_kd_triton
-    return torch.ops.orc_fast.group_kd_fused.default
+    return group_kd_fused_op
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:

@@ -1,4 +1,4 @@
-"""The group-KD operators, registered with torch.library, and their shared autograd.
+"""The group-KD operators: every torch.library registration of orc_fast happens here.
 
 Every backend is one custom op with the same schema (docs/design.md §4):
 
@@ -11,19 +11,19 @@ Every backend is one custom op with the same schema (docs/design.md §4):
 Backward only scales it by the incoming gradient of ``loss``; kl, ce and the masks are
 diagnostics and carry no gradient.
 
-Ops: ``orc_fast::group_kd_reference`` (here), ``orc_fast::group_kd_fused`` (C++ in
-csrc/, CPU and CUDA implementations), ``orc_fast::group_kd_triton`` (kernels/).
+Ops: ``orc_fast::group_kd_reference`` (defined here), ``orc_fast::group_kd_fused``
+(schema and kernels in C++, csrc/; its fake and autograd are registered here),
+``orc_fast::group_kd_triton`` (kernels/, which registers it with this module's autograd).
+Everything is registered at import: torch.compile may trace the backend dispatch, and a
+first registration inside a traced region is not allowed. Which backend runs is decided
+in backends.py, which imports the op objects from here.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from .reference import group_kd_reference
-
-OUTPUT_NAMES = ("loss", "kl", "ce", "student_correct", "teacher_correct", "error_mask", "grad")
 
 
 def group_kd_fake(student, teachers, target, teacher_weights, alpha, error_members, temperature, ignore_index, error_rule):
@@ -53,11 +53,6 @@ def _setup_context(ctx, inputs, output):
 HUGE_PAGE_NUMEL = 1 << 20  # below this, page faults are cheap and a plain multiply is quicker
 
 
-@functools.cache
-def _has_scale_op() -> bool:
-    return hasattr(torch.ops.orc_fast, "group_kd_scale_grad")
-
-
 def _backward(ctx, grad_loss, *unused_grads):
     (per_sample_grad,) = ctx.saved_tensors
     if not ctx.needs_input_grad[0] or grad_loss is None:
@@ -66,7 +61,7 @@ def _backward(ctx, grad_loss, *unused_grads):
     # same loss (retain_graph, per-member autograd.grad). On the CPU the product is
     # written into huge pages: a fresh [S, B, C] tensor from a plain multiply costs as much
     # as the whole forward in 4 KiB page faults at vocabulary sizes.
-    if per_sample_grad.device.type == "cpu" and per_sample_grad.numel() >= HUGE_PAGE_NUMEL and _has_scale_op():
+    if per_sample_grad.device.type == "cpu" and per_sample_grad.numel() >= HUGE_PAGE_NUMEL and EXTENSION_MISSING is None:
         grad_student = torch.ops.orc_fast.group_kd_scale_grad(per_sample_grad, grad_loss)
     else:
         grad_student = (per_sample_grad * grad_loss.unsqueeze(-1)).to(per_sample_grad.dtype)
@@ -98,3 +93,20 @@ def group_kd_reference_op(
 
 
 register_autograd_and_fake(group_kd_reference_op)
+
+
+def _load_extension() -> str | None:
+    """Load the C++ extension (its TORCH_LIBRARY block defines group_kd_fused and
+    group_kd_scale_grad); return why it is missing, or None when it loaded."""
+    try:
+        from . import _C  # noqa: F401
+    except ImportError as error:
+        return f"the C++ extension orc_fast._C is not built ({error}); reinstall with a C++ compiler present"
+    return None
+
+
+EXTENSION_MISSING = _load_extension()
+# None where the extension is not built; backends.py then never dispatches to it.
+group_kd_fused_op = None if EXTENSION_MISSING else torch.ops.orc_fast.group_kd_fused.default
+if group_kd_fused_op is not None:
+    register_autograd_and_fake(group_kd_fused_op)

@@ -225,12 +225,6 @@ at::Tensor group_kd_scale_grad_composite(const at::Tensor& per_sample_grad, cons
 
 }  // namespace
 
-// Defined here, next to its only fast implementation, until the op is adopted by
-// orc_fast/ops.py's backward (then its schema belongs with group_kd_fused in csrc/group_kd.cpp).
-TORCH_LIBRARY_FRAGMENT(orc_fast, m) {
-  m.def("group_kd_scale_grad(Tensor per_sample_grad, Tensor grad_loss) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(orc_fast, CompositeExplicitAutograd, m) {
   m.impl("group_kd_scale_grad", &group_kd_scale_grad_composite);
 }
