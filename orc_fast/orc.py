@@ -3,17 +3,19 @@
 Everything that decides *how* a group learns lives here, as functions on tensors:
 
 * ``assign_roles`` / ``ScoreTracker``: the online role change (scores -> 0/1 roles).
-* ``orc_losses``, ``independent_losses``, ``dml_losses``, ``kdcl_losses``: the
-  per-member losses of each method from the stacked logits [N, B, C].
+* ``orc_losses`` (peer mode), ``pivot_orc_losses`` (pivot mode), ``independent_losses``,
+  ``kd_losses``, ``dml_losses``, ``kdcl_losses``: the per-member losses of each method from
+  the stacked logits [N, B, C] (and the pivot teacher's [B, C]).
 * ``METHOD_DEFAULTS``: each method's published temperature and loss weights.
 * ``GroupStep``: forward every member, compute the method's losses, backward, step
   every member's optimizer.
 
 Roles are data, never control flow: a member's role is a 0/1 entry of a device tensor
 that weights its loss terms, so there is no ``.item()``, no Python branch on roles and
-no host synchronisation inside a step. The ORC step makes exactly one ``group_kd`` call
-that supplies the per-member losses (CE for teachers, CE + KD for students) and the
-error-image mask (the refresh option makes a second one).
+no host synchronisation inside a step. The peer-mode ORC step makes exactly one ``group_kd``
+call that supplies the per-member losses (CE for teachers, CE + KD for students) and the
+error-image mask (the refresh option makes a second one); pivot mode makes a second one for
+the promoted students' private teaching, whose KD target differs from the others'.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from torch import nn
 from .loss import group_kd
 from .strategies import make_strategy
 
-METHODS = ("orc", "independent", "dml", "kdcl")
+METHODS = ("orc", "independent", "kd", "dml", "kdcl")
+PIVOT_METHODS = ("orc", "kd")  # the methods that can (orc) or must (kd) have a pivot teacher
 
 
 class MethodDefaults(NamedTuple):
@@ -48,6 +51,8 @@ class MethodDefaults(NamedTuple):
 # plus the error-image term.
 METHOD_DEFAULTS = {
     "independent": MethodDefaults(1.0, 1.0, 0.0, "cross-entropy only"),
+    "kd": MethodDefaults(4.0, 0.1, 0.9, "Hinton et al., Distilling the Knowledge in a Neural Network, 2015, at "
+                         "the settings of CRD's KD baseline (Tian et al., ICLR 2020): 0.1 CE + 0.9 tau^2 KL, tau = 4"),
     "dml": MethodDefaults(1.0, 1.0, 1.0, "Zhang et al., Deep Mutual Learning, CVPR 2018: CE + KL, tau = 1"),
     "kdcl": MethodDefaults(2.0, 1.0, 1.0, "Guo et al., KDCL, CVPR 2020: CE + tau^2 KL to the MinLogit group "
                            "teacher, tau = 2"),
@@ -137,12 +142,11 @@ class MemberLosses(NamedTuple):
 def teacher_error_weights(roles: torch.Tensor, error_mask: torch.Tensor, error_weight: float) -> torch.Tensor:
     """Per-member, per-sample weights of the teachers' error-image term: [N, B].
 
-    r_i * lambda_err * err_b / max(n_err, 1): averaging CE over the error images, and
-    0 when there are none.
+    r_i * lambda_err * err_b / B: every error image weighs lambda_err / B on top of its
+    share of the batch mean, so the term grows with the number of error images and a
+    single one never weighs as much as the whole batch (docs/design.md §2, step 5).
     """
-    errors = error_mask.float()
-    count = errors.sum().clamp_min(1.0)
-    return roles[:, None] * (error_weight * errors / count)[None, :]
+    return roles[:, None] * (error_weight / error_mask.shape[0]) * error_mask.float()[None, :]
 
 
 def orc_losses(
@@ -165,11 +169,11 @@ def orc_losses(
     mean tempered distribution of the teachers only (``teacher_weights = roles``). The
     error mask is judged over the students (``error_members = 1 - roles``).
 
-      teacher: mean_b CE_ib + lambda_err * sum_b err_b CE_ib / max(n_err, 1)
+      teacher: mean_b CE_ib + lambda_err * sum_b err_b CE_ib / B
       student: s mean_b [(1 - alpha) CE_ib + alpha tau^2 KL_ib]   (s = ``kd_scale``)
 
-    Both come from weighting ``result.loss`` [N, B] by c_ib = r_i (1/B + lambda err_b /
-    max(n_err, 1)) + (1 - r_i) s / B. ``teacher_logits`` replaces the teachers' side
+    Both come from weighting ``result.loss`` [N, B] by c_ib = r_i (1 + lambda err_b) / B
+    + (1 - r_i) s / B. ``teacher_logits`` replaces the teachers' side
     (``--refresh-teachers``); ``mixed_ce`` [N, B] replaces CE in the error term
     (``--error-mixup``).
     """
@@ -246,6 +250,80 @@ def kdcl_losses(
     return MemberLosses(kd_scale * result.loss.mean(1), torch.zeros_like(result.error_mask))
 
 
+def kd_losses(
+    logits: torch.Tensor, target: torch.Tensor, pivot_logits: torch.Tensor, temperature: float = 4.0,
+    alpha: float = 0.9, backend: str = "auto", kd_scale: float = 1.0, **_
+) -> MemberLosses:
+    """Hinton KD: every member, s [(1 - alpha) CE + alpha tau^2 KL] to the pivot teacher alone
+    (``pivot_logits`` [B, C]); one ``group_kd`` call."""
+    result = group_kd(
+        logits, pivot_logits.detach()[None].to(logits.dtype), target, temperature=temperature, alpha=alpha,
+        reduction="none", validate=False, backend=backend,
+    )
+    return MemberLosses(kd_scale * result.loss.mean(1), torch.zeros_like(result.error_mask))
+
+
+def pivot_orc_losses(
+    logits: torch.Tensor,
+    pivot_logits: torch.Tensor,
+    target: torch.Tensor,
+    promoted: torch.Tensor,
+    temperature: float = 4.0,
+    alpha: float = 0.5,
+    error_weight: float = 1.0,
+    error_rule: str = "any",
+    backend: str = "auto",
+    mixed_ce: torch.Tensor | None = None,
+    kd_scale: float = 2.0,
+    private_teaching: bool = True,
+) -> MemberLosses:
+    """Pivot-mode ORC losses (docs/design.md §2): N + 1 rows, the members then the pivot.
+
+    logits [N, B, C] are the student group, ``pivot_logits`` [B, C] the pivot teacher,
+    ``promoted`` [N] 0/1 the students promoted into the teacher group this step. The
+    teacher group is the pivot plus the promoted students:
+
+      student (p_i = 0):   s mean_b [(1 - alpha) CE + alpha tau^2 KL(mean of the teacher group || i)]
+      promoted (p_i = 1):  s mean_b [(1 - alpha) CE + alpha tau^2 KL(pivot || i)]    (private teaching)
+                           + lambda_err sum_b err_b CE_b / B                        (intensive teaching)
+      pivot:               mean_b CE + lambda_err sum_b err_b CE_b / B   (no gradient reaches a frozen pivot)
+
+    Error images are judged over the non-promoted students. One ``group_kd`` call over all
+    N + 1 rows gives the group teaching, the teachers' CE and the error mask (the promoted
+    rows and the pivot get alpha 0); a second call, over the members with the pivot as the
+    only teacher and alpha 1, gives tau^2 KL(pivot || i), which only promoted rows keep:
+    a promoted row's loss is s [(1 - alpha) L1 + alpha L2] = s (1 - p alpha) L1 + s p alpha L2.
+    ``private_teaching=False`` (no student is ever promoted) skips the second call.
+    ``mixed_ce`` [N + 1, B] replaces CE in the error term (``--error-mixup``).
+    """
+    batch = logits.shape[1]
+    everyone = torch.cat([logits, pivot_logits[None].to(logits.dtype)])
+    pivot_row = torch.ones(1, dtype=torch.float32, device=logits.device)
+    teachers = torch.cat([promoted, pivot_row])  # the teacher group: promoted students and the pivot
+    students = torch.cat([1.0 - promoted, 0.0 * pivot_row])  # the students they teach
+    group = group_kd(
+        everyone, everyone.detach(), target,
+        temperature=temperature, alpha=alpha * students, teacher_weights=teachers,
+        error_rule=error_rule, error_members=students,
+        reduction="none", validate=False, backend=backend,
+    )
+    error_term = teacher_error_weights(teachers, group.error_mask, error_weight)
+    row_weight = (torch.cat([kd_scale * (1.0 - alpha * promoted), pivot_row]) / batch)[:, None]
+    if mixed_ce is None:
+        per_sample = group.loss * (row_weight + error_term)
+    else:
+        per_sample = group.loss * row_weight + mixed_ce * error_term
+    per_row = per_sample.sum(1)
+    if private_teaching:
+        private = group_kd(
+            logits, pivot_logits.detach()[None].to(logits.dtype), target, temperature=temperature, alpha=1.0,
+            reduction="none", validate=False, backend=backend,
+        )
+        private_row = (kd_scale * alpha * promoted) * private.loss.mean(1)
+        per_row = per_row + torch.cat([private_row, torch.zeros_like(private_row[:1])])
+    return MemberLosses(per_row, group.error_mask)
+
+
 # ---------------------------------------------------------------------------- mixup
 
 
@@ -292,6 +370,7 @@ class StepConfig:
     mixup_alpha: float = 1.0
     refresh_teachers: bool = False
     rank_momentum: float = 0.0
+    promote: int = 1  # pivot mode: students promoted into the teacher group each step
     kd_scale: float = 1.0  # s of s [(1 - alpha) CE + alpha tau^2 KL] for members that distil
     backend: str = "auto"
     strategy: str = "sequential"  # how members run: orc_fast/strategies.py
@@ -313,10 +392,19 @@ class GroupStep:
     saved with the checkpoint).
     """
 
-    def __init__(self, models, optimizers, config: StepConfig, device, generator: torch.Generator):
+    def __init__(self, models, optimizers, config: StepConfig, device, generator: torch.Generator,
+                 pivot: nn.Module | None = None, pivot_optimizer: torch.optim.Optimizer | None = None):
         if config.method not in METHODS:
             raise ValueError(f"unknown method {config.method!r}; known: {', '.join(METHODS)}")
+        if pivot is None and (config.method == "kd" or pivot_optimizer is not None):
+            raise ValueError(f"method {config.method!r} needs a pivot teacher")
+        if pivot is not None and (config.method not in PIVOT_METHODS or config.refresh_teachers):
+            raise ValueError(f"a pivot teacher works with {' or '.join(PIVOT_METHODS)} without refresh_teachers")
+        if pivot_optimizer is not None and config.method != "orc":
+            raise ValueError("only orc refines the pivot: method kd keeps it frozen")
         self.models, self.optimizers, self.config = list(models), list(optimizers), config
+        # The pivot teacher (pivot mode, kd): trained when it has an optimizer, else frozen.
+        self.pivot, self.pivot_optimizer = pivot, pivot_optimizer
         self.generator = generator
         self.scores = ScoreTracker(len(self.models), config.rank_momentum, device)
         self.no_roles = torch.zeros(len(self.models), dtype=torch.float32, device=device)
@@ -330,22 +418,59 @@ class GroupStep:
         of them here; a member-parallel rank (orc_fast/distributed.py) keeps its block."""
         return roles
 
+    def trained_modules(self) -> tuple[list[nn.Module], list[torch.optim.Optimizer]]:
+        """The modules a step updates and their optimizers: the members, and a pivot that trains."""
+        if self.pivot_optimizer is None:
+            return self.models, self.optimizers
+        return [*self.models, self.pivot], [*self.optimizers, self.pivot_optimizer]
+
     def state_tensors(self) -> list[torch.Tensor]:
         """Every tensor a step changes: parameters, float buffers (batch-norm statistics)
         and optimizer state. ``--nan-policy skip-step`` snapshots these to undo a step."""
-        tensors = [t for model in self.models for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
-        for optimizer in self.optimizers:
+        models, optimizers = self.trained_modules()
+        tensors = [t for model in models for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+        for optimizer in optimizers:
             tensors += [v for state in optimizer.state.values() for v in state.values()
                         if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() > 0]
         return tensors
 
+    def pivot_forward(self, images: torch.Tensor) -> torch.Tensor:
+        """The pivot's logits [B, C]: with gradient when it trains, else without (it is in
+        eval mode then, the trainer's business)."""
+        if self.pivot_optimizer is not None:
+            return self.pivot(images)
+        with torch.no_grad():
+            return self.pivot(images)
+
     def _zero_grad(self) -> None:
         self.strategy.zero_grad()
+        if self.pivot_optimizer is not None:
+            self.pivot_optimizer.zero_grad(set_to_none=True)
 
     def _backward_and_step(self, total: torch.Tensor) -> None:
         self._zero_grad()
         total.backward()
         self.strategy.step()
+        if self.pivot_optimizer is not None:
+            self.pivot_optimizer.step()
+
+    def _mixed_ce(self, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``--error-mixup``'s CE [N, B] (N + 1 rows with a pivot) on the batch mixed with itself.
+
+        Every member sees the mixed batch (roles are not known on the host); only the
+        teachers' error rows carry weight in the loss. A frozen pivot gets a zero row.
+        """
+        cfg = self.config
+        lam = float(np.random.beta(cfg.mixup_alpha, cfg.mixup_alpha))
+        mixed_images, target_b = mixup(images, target, lam, self.generator)
+        with preserved_buffers(self.trained_modules()[0]):
+            mixed_logits = self.forward(mixed_images)
+            if self.pivot is not None and self.pivot_optimizer is not None:
+                mixed_logits = torch.cat([mixed_logits, self.pivot(mixed_images)[None].to(mixed_logits.dtype)])
+        mixed = mixed_cross_entropy(mixed_logits, target, target_b, lam)
+        if self.pivot is not None and self.pivot_optimizer is None:
+            mixed = torch.cat([mixed, torch.zeros_like(mixed[:1])])
+        return mixed
 
     def __call__(self, images: torch.Tensor, target: torch.Tensor) -> StepOutput:
         return self.strategy.run(self._step, images, target)  # auto times whole steps here
@@ -355,21 +480,18 @@ class GroupStep:
         logits = self.forward(images)
         hyper = dict(temperature=cfg.temperature, alpha=cfg.alpha, backend=cfg.backend, kd_scale=cfg.kd_scale)
         if cfg.method != "orc":
-            baseline = {"independent": independent_losses, "dml": dml_losses, "kdcl": kdcl_losses}
+            baseline = {"independent": independent_losses, "kd": kd_losses, "dml": dml_losses, "kdcl": kdcl_losses}
+            if self.pivot is not None:
+                hyper.update(pivot_logits=self.pivot_forward(images))
             losses = baseline[cfg.method](logits, target, **hyper)
             self._backward_and_step(losses.total)
             return StepOutput(losses.per_member.detach(), self.no_roles, losses.error_mask)
 
-        roles = assign_roles(self.scores.update(batch_scores(logits, target)), cfg.teacher_size)
         hyper.update(error_weight=cfg.error_weight, error_rule=cfg.error_rule)
-        mixed_ce = None
-        if cfg.error_mixup:
-            # Every member sees the mixed batch (roles are not known on the host); only
-            # the teachers' error rows carry weight in the loss.
-            lam = float(np.random.beta(cfg.mixup_alpha, cfg.mixup_alpha))
-            mixed_images, target_b = mixup(images, target, lam, self.generator)
-            with preserved_buffers(self.models):
-                mixed_ce = mixed_cross_entropy(self.forward(mixed_images), target, target_b, lam)
+        if self.pivot is not None:
+            return self._pivot_step(images, target, logits, hyper)
+        roles = assign_roles(self.scores.update(batch_scores(logits, target)), cfg.teacher_size)
+        mixed_ce = self._mixed_ce(images, target) if cfg.error_mixup else None
 
         if not cfg.refresh_teachers:
             losses = orc_losses(logits, target, roles, mixed_ce=mixed_ce, **hyper)
@@ -391,3 +513,16 @@ class GroupStep:
         self.strategy.masked_step(1.0 - self.local_roles(roles))
         per_member = roles * before.per_member.detach() + (1.0 - roles) * after.per_member.detach()
         return StepOutput(per_member, roles, before.error_mask)
+
+    def _pivot_step(self, images: torch.Tensor, target: torch.Tensor, logits: torch.Tensor, hyper: dict) -> StepOutput:
+        """Pivot mode (docs/design.md §2): the ``promote`` best-ranked students join the pivot
+        in the teacher group for this step; one backward, every member and a training pivot
+        step once."""
+        cfg = self.config
+        pivot_logits = self.pivot_forward(images)
+        promoted = assign_roles(self.scores.update(batch_scores(logits, target)), cfg.promote)
+        mixed_ce = self._mixed_ce(images, target) if cfg.error_mixup else None
+        losses = pivot_orc_losses(logits, pivot_logits, target, promoted, mixed_ce=mixed_ce,
+                                  private_teaching=cfg.promote > 0, **hyper)
+        self._backward_and_step(losses.total)
+        return StepOutput(losses.per_member[:-1].detach(), promoted, losses.error_mask)

@@ -3,10 +3,15 @@
 ORC ("Network Group-based Knowledge Distillation using Online Role Change", Choi et al.,
 ICCV 2023; docs/design.md §2): every step the best-scoring members become teachers,
 refine themselves on the students' error images, and the students distil from the
-teachers' mean tempered distribution. Baselines in the same engine: ``independent``,
-``dml`` (Deep Mutual Learning) and ``ensemble`` (distil from the group's mean).
+teachers' mean tempered distribution. With ``--pivot`` (the paper's main setting) a
+pre-trained member of an earlier run stays in the teacher group and the best-ranked
+students are promoted into it each step. Baselines in the same engine, each at its
+published settings: ``independent``, ``kd`` (Hinton KD from the pivot), ``dml`` (Deep
+Mutual Learning) and ``kdcl`` (KDCL's MinLogit group teacher).
 
     python -m orc_fast.train                      # 4 x resnet8 on digits, 10 epochs, ~1 min on 2 cores
+    python -m orc_fast.train --method independent --num-nets 1 --arch resnet20 --out runs/pivot
+    python -m orc_fast.train --pivot runs/pivot   # pivot mode: 4 x resnet8 students, the resnet20 teaches
     python -m orc_fast.train --config configs/cifar100_orc.yaml --data-dir data --download
     python -m orc_fast.train --dataset imagefolder --data-dir ../shared/data/cifar10 \\
         --arch resnet32,resnet20,wrn_16_2,vgg8 --epochs 30 --out runs/mixed
@@ -40,7 +45,8 @@ from .cuda_graphs import CudaGraphStep
 from .data import DATASETS, DataError, load_dataset, steps_per_epoch, test_batches, train_batches
 from .guard import NAN_POLICIES, NonFiniteGuard, NonFiniteLoss, start_momentum
 from .models import MODELS, build_model
-from .orc import METHOD_DEFAULTS, METHODS, GroupStep, StepConfig, loss_form
+from .orc import METHOD_DEFAULTS, METHODS, PIVOT_METHODS, GroupStep, StepConfig, loss_form
+from .pivot import load_pivot, pivot_path
 from .reference import ERROR_RULES
 from .strategies import STRATEGIES
 
@@ -75,8 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("method")
     g.add_argument("--method", choices=METHODS, default="orc", help="orc, or a baseline, each at its published "
-                   "settings: independent (CE only), dml (CE + KL to the mean of the other members, tau 1), kdcl "
-                   "(CE + tau^2 KL to KDCL's MinLogit group teacher, tau 2)")
+                   "settings: independent (CE only), kd (0.1 CE + 0.9 tau^2 KL to the --pivot, tau 4), dml (CE + KL "
+                   "to the mean of the other members, tau 1), kdcl (CE + tau^2 KL to KDCL's MinLogit group "
+                   "teacher, tau 2)")
+    g.add_argument("--pivot", metavar="CHECKPOINT", default=None,
+                   help="pivot mode: a best.pt/latest.pt (or run folder) of an earlier run of this trainer whose "
+                   "member (--pivot-member) stays in the teacher group all run; the --num-nets members are the "
+                   "students. Needed by --method kd")
+    g.add_argument("--pivot-member", type=int, default=None, metavar="I",
+                   help="which member of --pivot's run (default: its best member on its validation split)")
+    g.add_argument("--promote", type=int, default=None, metavar="P",
+                   help="pivot mode: the P best-ranked students join the teacher group each step, in [0, N-1] "
+                   "(default 1)")
+    g.add_argument("--freeze-pivot", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the pivot fixed (eval mode, no updates); default: orc refines it on the students' "
+                   "error images, kd always keeps it fixed")
     g.add_argument("--arch", default="resnet8", help=f"one arch for a homogeneous group or a comma list for a mixed "
                    f"one; known: {', '.join(MODELS)}")
     g.add_argument("--num-nets", type=int, default=None, help="group size N (default: 4, or the length of an --arch list)")
@@ -91,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an error image is one the student group gets wrong: any / all / majority of the students, "
                    "or the students' ensemble")
     g.add_argument("--error-weight", type=float, default=1.0, help="lambda_err: weight of the teachers' CE on error images")
-    g.add_argument("--error-mixup", action=argparse.BooleanOptionalAction, default=False,
-                   help="teachers' error term on error images mixed with random batch images (one more forward)")
+    g.add_argument("--error-mixup", action=argparse.BooleanOptionalAction, default=None,
+                   help="teachers' error term on error images mixed with random batch images (one more forward; "
+                   "default: on in pivot mode, off in peer mode)")
     g.add_argument("--mixup-alpha", type=float, default=1.0, help="mixup lambda ~ Beta(a, a)")
     g.add_argument("--refresh-teachers", action=argparse.BooleanOptionalAction, default=False,
                    help="teachers step first and students distil from their updated logits (one more forward)")
@@ -227,12 +247,15 @@ def resolve(args: argparse.Namespace) -> dict:
     elif args.num_nets is not None and args.num_nets != len(archs):
         raise UsageError(f"--num-nets {args.num_nets} does not match the {len(archs)} archs given in --arch")
     num_nets = len(archs)
-    minimum = 1 if args.method == "independent" else 2
+    minimum = 1 if args.method in ("independent", "kd") else 2
     if num_nets < minimum:
         raise UsageError(f"--method {args.method} needs at least {minimum} networks, got --num-nets {num_nets}")
-    teacher_size = num_nets // 2 if args.teacher_size is None else args.teacher_size
-    if args.method == "orc" and not 1 <= teacher_size <= num_nets - 1:
-        raise UsageError(f"--teacher-size must lie in [1, N-1] = [1, {num_nets - 1}], got {teacher_size}")
+    pivot = pivot_settings(args, num_nets)
+    teacher_size = None  # pivot mode promotes --promote students instead
+    if not pivot["pivot"]:
+        teacher_size = num_nets // 2 if args.teacher_size is None else args.teacher_size
+        if args.method == "orc" and not 1 <= teacher_size <= num_nets - 1:
+            raise UsageError(f"--teacher-size must lie in [1, N-1] = [1, {num_nets - 1}], got {teacher_size}")
     checks = [
         (args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}"),
         (args.batch_size >= 2, f"--batch-size must be >= 2, got {args.batch_size}"),
@@ -266,7 +289,7 @@ def resolve(args: argparse.Namespace) -> dict:
         raise UsageError(f"--device {args.device} asked for, but CUDA is not available here")
     if args.cuda_graphs and device.type != "cuda":
         raise UsageError(f"--cuda-graphs needs a CUDA device; this run is on {device}")
-    if args.cuda_graphs and args.error_mixup:
+    if args.cuda_graphs and pivot["error_mixup"]:
         raise UsageError("--cuda-graphs cannot capture --error-mixup (its mixing weight is drawn on the host each step)")
     try:
         backend = resolve_backend(args.backend, device)
@@ -274,6 +297,7 @@ def resolve(args: argparse.Namespace) -> dict:
         raise UsageError(str(error)) from None
     config = {k: v for k, v in vars(args).items() if k not in ("config", "resume", "progress")}
     config.update(loss_settings(args))
+    config.update(pivot)
     config.update(
         image_size=args.image_size or (16 if args.dataset == "digits" else 32),
         archs=archs, num_nets=num_nets, teacher_size=teacher_size, milestones=milestones,
@@ -282,6 +306,47 @@ def resolve(args: argparse.Namespace) -> dict:
     )
     check_out_folder(Path(config["out"]), resuming=bool(args.resume), overwrite=args.overwrite)
     return config
+
+
+def pivot_settings(args: argparse.Namespace, num_nets: int) -> dict:
+    """Pivot mode's flags checked against the method: {pivot, pivot_member, promote,
+    freeze_pivot, error_mixup}. The checkpoint itself is read later (orc_fast/pivot.py), when
+    the data's class count is known."""
+    peer_only = [f for f, v in (("--pivot-member", args.pivot_member), ("--promote", args.promote),
+                                ("--freeze-pivot", args.freeze_pivot)) if v is not None]
+    if args.pivot is None:
+        if args.method == "kd":
+            raise UsageError("--method kd distils from a pre-trained pivot: give --pivot CHECKPOINT")
+        if peer_only:
+            raise UsageError(f"{', '.join(peer_only)} needs --pivot CHECKPOINT")
+        return {"pivot": None, "pivot_member": None, "promote": None, "freeze_pivot": None,
+                "error_mixup": bool(args.error_mixup)}
+    if args.method not in PIVOT_METHODS:
+        raise UsageError(f"--pivot works with --method {' or '.join(PIVOT_METHODS)}, not {args.method}")
+    if args.teacher_size is not None:
+        raise UsageError("--teacher-size is for peer mode; with --pivot, --promote P students join the pivot")
+    if args.refresh_teachers:
+        raise UsageError("--refresh-teachers is for peer mode, not with --pivot")
+    if distributed.launched_by_torchrun():
+        raise UsageError("--pivot does not run member-parallel under torchrun yet; run it in one process")
+    if args.pivot_member is not None and args.pivot_member < 0:
+        raise UsageError(f"--pivot-member must be >= 0, got {args.pivot_member}")
+    try:
+        path = str(pivot_path(args.pivot))
+    except checkpoint.CheckpointError as error:
+        raise UsageError(str(error)) from None
+    if args.method == "kd":
+        if args.promote is not None:
+            raise UsageError("--promote is for --method orc; kd distils every member from the pivot alone")
+        if args.freeze_pivot is False:
+            raise UsageError("--method kd keeps the pivot fixed (Hinton KD): drop --no-freeze-pivot")
+        return {"pivot": path, "pivot_member": args.pivot_member, "promote": None, "freeze_pivot": True,
+                "error_mixup": False}
+    promote = 1 if args.promote is None else args.promote
+    if not 0 <= promote <= num_nets - 1:
+        raise UsageError(f"--promote must lie in [0, N-1] = [0, {num_nets - 1}], got {promote}")
+    return {"pivot": path, "pivot_member": args.pivot_member, "promote": promote,
+            "freeze_pivot": bool(args.freeze_pivot), "error_mixup": args.error_mixup is not False}
 
 
 RUN_FILES = ("metrics.json", "latest.pt", "best.pt", "latest.json", "best.json")
@@ -357,6 +422,13 @@ def evaluate(models, dataset, batch_size: int, exchange=None, split: str = "test
     return [c / count for c in correct.tolist()], ensemble_correct.item() / count
 
 
+def pivot_accuracy(group, dataset, batch_size: int, config: dict) -> dict:
+    """The pivot's own test (and validation) top-1: a refined pivot moves during the run."""
+    test = evaluate([group.pivot], dataset, batch_size)[0][0]
+    val = evaluate([group.pivot], dataset, batch_size, split="val")[0][0] if config["val_size"] else None
+    return {"pivot_test_acc": test, "pivot_val_acc": val}
+
+
 # ============================================================================ terminal
 
 
@@ -404,7 +476,8 @@ def save_outputs(out: Path, metrics: dict) -> None:
 def check_resumable(state: dict, config: dict, path) -> None:
     """The checkpoint must come from a run with the same group, data and method."""
     saved = state["config"]
-    for key in ("archs", "method", "dataset", "image_size", "train_subset", "val_split", "teacher_size", "num_classes"):
+    for key in ("archs", "method", "dataset", "image_size", "train_subset", "val_split", "teacher_size", "num_classes",
+                "pivot_arch", "promote", "freeze_pivot"):
         if saved.get(key) != config.get(key):
             raise checkpoint.CheckpointError(
                 f"checkpoint {path} does not match this run: {key} was {saved.get(key)!r}, now {config.get(key)!r}"
@@ -422,6 +495,21 @@ class Group:
     guard: NonFiniteGuard
     data_generator: torch.Generator
     last_roles: torch.Tensor | None = None  # the previous step's roles, for counting role changes
+    pivot: torch.nn.Module | None = None  # pivot mode and kd: the pre-trained teacher
+    pivot_optimizer: torch.optim.Optimizer | None = None  # None: the pivot is frozen
+
+    @property
+    def all_optimizers(self) -> list:
+        """Every optimizer the learning-rate schedule drives: the members', and a training pivot's."""
+        return self.optimizers + ([self.pivot_optimizer] if self.pivot_optimizer is not None else [])
+
+    def set_train_mode(self) -> None:
+        """Members train; a pivot trains only when it has an optimizer (a frozen one stays in
+        eval mode, batch-norm statistics included)."""
+        for model in self.models:
+            model.train()
+        if self.pivot is not None:
+            self.pivot.train(self.pivot_optimizer is not None)
 
 
 def start_process(args: argparse.Namespace, config: dict):
@@ -449,26 +537,36 @@ def load_data(args: argparse.Namespace, config: dict):
 
 
 def build_group(args: argparse.Namespace, config: dict, num_classes: int, placement) -> Group:
-    """One model and one SGD optimizer per member, the group step and its NaN guard."""
+    """One model and one SGD optimizer per member (and the pivot's, when it trains), the group
+    step and its NaN guard."""
     device = torch.device(config["device"])
     data_generator = torch.Generator(device=device).manual_seed(args.seed)
     models = placement.build_models(config["archs"], lambda arch: build_model(arch, num_classes), device)
-    optimizers = [
-        start_momentum(torch.optim.SGD(m.parameters(), lr=args.lr, momentum=args.momentum,
-                                       weight_decay=args.weight_decay))
-        for m in models
-    ]
+
+    def sgd(model):
+        return start_momentum(torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                              weight_decay=args.weight_decay))
+
+    optimizers = [sgd(m) for m in models]
+    pivot, pivot_optimizer = None, None
+    if config["pivot"]:
+        pivot, info = load_pivot(config["pivot"], config["pivot_member"], num_classes)
+        pivot = pivot.to(device)
+        pivot_optimizer = None if config["freeze_pivot"] else sgd(pivot)
+        config.update(pivot_member=info["member"], pivot_arch=info["arch"], pivot_source_val_acc=info["val_acc"])
     step_config = StepConfig(
         method=args.method, teacher_size=config["teacher_size"], temperature=config["temperature"],
-        alpha=config["alpha"], kd_scale=config["kd_scale"],
-        error_weight=args.error_weight, error_rule=args.error_rule, error_mixup=args.error_mixup,
+        alpha=config["alpha"], kd_scale=config["kd_scale"], promote=config["promote"] or 0,
+        error_weight=args.error_weight, error_rule=args.error_rule, error_mixup=config["error_mixup"],
         mixup_alpha=args.mixup_alpha, refresh_teachers=args.refresh_teachers, rank_momentum=args.rank_momentum,
         backend=args.backend, strategy=args.strategy, compile=args.compile,
     )
-    group_step = placement.group_step(models, optimizers, step_config, device, data_generator)
+    group_step = placement.group_step(models, optimizers, step_config, device, data_generator,
+                                      pivot=pivot, pivot_optimizer=pivot_optimizer)
     run_step = CudaGraphStep(group_step) if args.cuda_graphs else group_step
     guard = NonFiniteGuard(args.nan_policy, device, group_step.state_tensors)
-    return Group(models, optimizers, group_step, run_step, guard, data_generator)
+    return Group(models, optimizers, group_step, run_step, guard, data_generator, pivot=pivot,
+                 pivot_optimizer=pivot_optimizer)
 
 
 def resume(args: argparse.Namespace, config: dict, group: Group, placement, metrics: dict) -> tuple[int, float]:
@@ -483,6 +581,10 @@ def resume(args: argparse.Namespace, config: dict, group: Group, placement, metr
         for optimizer, saved in zip(group.optimizers, state["optimizers"], strict=True):
             optimizer.load_state_dict(saved)
         group.group_step.scores.load_state_dict(state["scores"])
+        if group.pivot is not None:  # the pivot as this run left it (a refined pivot has moved on)
+            group.pivot.load_state_dict(state["pivot"]["model"])
+            if group.pivot_optimizer is not None:
+                group.pivot_optimizer.load_state_dict(state["pivot"]["optimizer"])
         checkpoint.set_rng_state(state["rng"], group.data_generator)
         if state.get("last_roles") is not None:
             group.last_roles = state["last_roles"].to(config["device"])
@@ -490,6 +592,7 @@ def resume(args: argparse.Namespace, config: dict, group: Group, placement, metr
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise checkpoint.CheckpointError(f"checkpoint {path} does not fit these models: {first_line}") from None
     metrics["epochs"] = state["metrics"]["epochs"]
+    metrics["pivot"] = state["metrics"].get("pivot")
     print(f"resumed from {path} after epoch {state['epoch']}")
     return state["epoch"], state.get("best_ensemble_acc", -1.0)
 
@@ -500,8 +603,16 @@ def announce(args: argparse.Namespace, config: dict, placement) -> None:
         f"{args.method} on {args.dataset} ({config['train_size']} train / {config['val_size']} validation / "
         f"{config['test_size']} test images, "
         f"{config['num_classes']} classes): {names} on {config['device']}, loss backend {config['backend_used']}"
-        + (f", k = {config['teacher_size']} teachers" if args.method == "orc" else "")
+        + (f", k = {config['teacher_size']} teachers" if args.method == "orc" and not config["pivot"] else "")
     )
+    if config["pivot"]:
+        source = config["pivot_source_val_acc"]
+        known = f", {100 * source:.2f}% on its run's validation split" if source is not None else ""
+        role = ("frozen (kd)" if args.method == "kd" else
+                f"{'frozen' if config['freeze_pivot'] else 'refined on the error images'}; every step the "
+                f"{config['promote']} best-ranked student(s) join it as teachers")
+        print(f"pivot teacher: {config['pivot_arch']}, member {config['pivot_member']} of {config['pivot']}{known}; "
+              f"{role}" + (", error mixup" if config["error_mixup"] else ""))
     if args.method != "independent":
         scale, alpha = config["kd_scale"], config["alpha"]
         where = "overridden by " + ", ".join(config["loss_overrides"]) if config["loss_overrides"] else config["loss_source"]
@@ -515,8 +626,7 @@ def train_epoch(args: argparse.Namespace, config: dict, group: Group, dataset, e
     """One pass over the training set: the epoch's training record (no accuracies yet) and its
     seconds."""
     device = torch.device(config["device"])
-    for model in group.models:
-        model.train()
+    group.set_train_mode()
     steps = steps_per_epoch(len(dataset.train_labels), args.batch_size)
     loss_sum = torch.zeros(config["num_nets"], device=device)
     teacher_steps = torch.zeros(config["num_nets"], device=device)
@@ -526,7 +636,7 @@ def train_epoch(args: argparse.Namespace, config: dict, group: Group, dataset, e
     batches = train_batches(dataset, args.batch_size, group.data_generator, args.augment)
     for step, (images, labels) in enumerate(batches):
         lr = learning_rate(config, epoch, step, steps)
-        for optimizer in group.optimizers:
+        for optimizer in group.all_optimizers:
             for param_group in optimizer.param_groups:
                 param_group["lr"] = lr
         group.guard.before_step()
@@ -566,8 +676,12 @@ def save_epoch(out: Path, config: dict, group: Group, placement, metrics: dict, 
         "epoch": epoch, "config": config,
         "models": [m.state_dict() for m in group.models], "optimizers": [o.state_dict() for o in group.optimizers],
         "scores": group.group_step.scores.state_dict(), "rng": checkpoint.rng_state(group.data_generator),
-        "metrics": {"epochs": metrics["epochs"]}, "best_ensemble_acc": best_accuracy,
+        "metrics": {"epochs": metrics["epochs"], "pivot": metrics.get("pivot")}, "best_ensemble_acc": best_accuracy,
         "last_roles": None if group.last_roles is None else group.last_roles.cpu(),
+        "pivot": None if group.pivot is None else {
+            "model": group.pivot.state_dict(),
+            "optimizer": None if group.pivot_optimizer is None else group.pivot_optimizer.state_dict(),
+        },
     }
     placement.save_checkpoint(out, state, is_best)
     if placement.is_main:
@@ -582,6 +696,8 @@ def report_epoch(args: argparse.Namespace, record: dict, seconds: float) -> None
                + f"  role changes/step {record['role_changes']:.2f}") if args.method == "orc" else ""
     if record.get("val_ensemble_acc") is not None:
         accuracy += f"  val ens {100 * record['val_ensemble_acc']:5.2f}"
+    if record.get("pivot_test_acc") is not None:
+        accuracy += f"  pivot {100 * record['pivot_test_acc']:5.2f}"
     skipped = record["skipped_steps"]
     print(
         f"epoch {record['epoch']:3d}/{args.epochs}  loss " + " ".join(f"{v:.3f}" for v in record["train_loss"])
@@ -628,9 +744,12 @@ def run(args: argparse.Namespace) -> dict:
     placement = start_process(args, config)
     dataset = load_data(args, config)
     group = build_group(args, config, dataset.num_classes, placement)
-    metrics = {"config": config, "epochs": [], "final": None}
+    metrics = {"config": config, "epochs": [], "final": None, "pivot": None}
     start_epoch, best_accuracy = resume(args, config, group, placement, metrics)
     announce(args, config, placement)
+    if group.pivot is not None and metrics["pivot"] is None:
+        metrics["pivot"] = pivot_accuracy(group, dataset, args.eval_batch_size, config)
+        print(f"pivot before training: {100 * metrics['pivot']['pivot_test_acc']:.2f}% test")
     checkpoint.remove_stale_temps(out)  # what a crash in the middle of a save left behind
     show_bar = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
     last_epoch = min(args.epochs, args.stop_after) if args.stop_after else args.epochs
@@ -646,6 +765,8 @@ def run(args: argparse.Namespace) -> dict:
             if evaluated and config["val_size"] else (None, None)
         )
         record.update(test_acc=member_acc, ensemble_acc=ensemble_acc, val_acc=val_acc, val_ensemble_acc=val_ensemble_acc)
+        if evaluated and group.pivot_optimizer is not None:
+            record.update(pivot_accuracy(group, dataset, args.eval_batch_size, config))
         metrics["epochs"].append(record)
         # best.pt is chosen on the validation split only; without one there is no best.pt.
         is_best = val_ensemble_acc is not None and val_ensemble_acc > best_accuracy

@@ -1,15 +1,16 @@
-"""The CIFAR model zoo: every name builds, runs, and has its published size."""
+"""The model zoo: every name builds, runs, and has its published size."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from orc_fast.models import MODELS, PUBLISHED_PARAMS, build_model, model_names
+from orc_fast.models import IMAGENET_PARAMS, MODELS, PUBLISHED_PARAMS, build_model, model_names
 
 ISSUE_NAMES = [
-    "resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet8x4", "resnet32x4",
+    "resnet8", "resnet14", "resnet20", "resnet26", "resnet32", "resnet44", "resnet56", "resnet110", "resnet8x4", "resnet32x4",
     "wrn_16_2", "wrn_40_2", "vgg8", "vgg11", "vgg13", "mobilenetv2", "shufflenetv1", "shufflenetv2",
+    "resnet18", "resnet34",
 ]
 
 
@@ -25,6 +26,17 @@ def test_the_zoo_has_every_model_of_the_issue():
 def test_parameter_counts_match_the_published_ones(name):
     # Published counts (100 classes) are given to two decimals in millions.
     assert count_params(build_model(name, 100)) == pytest.approx(PUBLISHED_PARAMS[name], abs=0.006)
+
+
+@pytest.mark.parametrize("name", sorted(IMAGENET_PARAMS))
+def test_imagenet_resnets_have_their_published_size(name):
+    # He et al. 2016 / torchvision: 11.69 M (ResNet18) and 21.80 M (ResNet34) at 1000 classes.
+    assert count_params(build_model(name, 1000)) == pytest.approx(IMAGENET_PARAMS[name], abs=0.006)
+
+
+def test_resnet26_is_the_6n_plus_2_resnet_with_four_blocks_per_stage():
+    model = build_model("resnet26", 10)
+    assert len(model.features) == 12 and count_params(model) == pytest.approx(0.37, abs=0.006)
 
 
 def test_headline_counts():

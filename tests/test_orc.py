@@ -159,12 +159,12 @@ def test_orc_losses_match_the_definition(rule):
     z64 = logits.double().requires_grad_()
     ce = ce_rows(z64, target)
     err = losses.error_mask.double()
-    n_err = max(err.sum().item(), 1.0)
+    batch_size = logits.shape[1]
     kl = kd_term(z64, logits, roles.double())
     expected = []
     for i in range(4):
-        if roles[i]:  # teacher: CE on the batch + lambda * CE over the error images
-            expected.append(ce[i].mean() + LAMBDA * (err * ce[i]).sum() / n_err)
+        if roles[i]:  # teacher: CE on the batch + lambda * CE on the error images, both over B
+            expected.append(ce[i].mean() + LAMBDA * (err * ce[i]).sum() / batch_size)
         else:  # student: (1 - alpha) CE + alpha tau^2 KL to the teachers' mean
             expected.append(((1 - ALPHA) * ce[i] + ALPHA * TAU**2 * kl[i]).mean())
     expected = torch.stack(expected)
@@ -205,6 +205,21 @@ def test_member_gradients_are_independent():
         assert torch.count_nonzero(own[torch.arange(4) != i]) == 0
 
 
+def test_one_error_image_weighs_lambda_over_batch():
+    """The error term is a sum over the error images divided by B: one error image adds
+    lambda/B of its CE, never as much as the whole batch."""
+    classes, batch_size = 3, 8
+    target = torch.arange(batch_size) % classes
+    logits = (F.one_hot(target, classes).float() * 5).expand(4, -1, -1).clone()
+    logits[2:, 0] = torch.tensor([0.0, 5.0, 0.0])  # both students get image 0 wrong
+    logits[2:, 0, target[0]] = 0.0
+    roles = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    losses = orc_losses(logits, target, roles, error_weight=LAMBDA)
+    assert losses.error_mask.tolist() == [True] + [False] * (batch_size - 1)
+    ce = ce_rows(logits, target)
+    torch.testing.assert_close(losses.per_member[0], ce[0].mean() + LAMBDA * ce[0, 0] / batch_size)
+
+
 def test_no_error_images_means_no_error_term():
     classes = 3
     target = torch.tensor([0, 1, 2])
@@ -222,10 +237,9 @@ def test_mixed_ce_replaces_ce_in_the_error_term_only():
     plain = orc_losses(logits, target, roles, error_weight=LAMBDA)
     with_mix = orc_losses(logits, target, roles, error_weight=LAMBDA, mixed_ce=mixed)
     err = plain.error_mask.float()
-    n_err = err.sum().clamp_min(1)
     ce = ce_rows(logits, target)
     for i in (0, 2):
-        torch.testing.assert_close(with_mix.per_member[i], ce[i].mean() + LAMBDA * (err * mixed[i]).sum() / n_err)
+        torch.testing.assert_close(with_mix.per_member[i], ce[i].mean() + LAMBDA * (err * mixed[i]).mean())
     torch.testing.assert_close(with_mix.per_member[[1, 3]], plain.per_member[[1, 3]])
 
 
@@ -436,4 +450,4 @@ def test_unknown_method_is_rejected():
     models, optimizers = make_group(2)
     with pytest.raises(ValueError, match="unknown method"):
         GroupStep(models, optimizers, StepConfig(method="nope"), "cpu", None)
-    assert set(METHODS) == {"orc", "independent", "dml", "kdcl"}
+    assert set(METHODS) == {"orc", "independent", "kd", "dml", "kdcl"}

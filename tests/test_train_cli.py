@@ -37,7 +37,7 @@ def test_cli_end_to_end_on_digits(tmp_path):
         assert f"member {i} (resnet8):" in result.stdout
     assert "ensemble:" in result.stdout
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"config", "epochs", "final"}
+    assert set(metrics) == {"config", "epochs", "final", "pivot"} and metrics["pivot"] is None
     (epoch,) = metrics["epochs"]
     # The schema (other work may add keys, e.g. skipped_steps from --nan-policy).
     assert {"epoch", "train_loss", "test_acc", "ensemble_acc", "teacher_fraction", "images_per_s"} <= set(epoch)
@@ -170,7 +170,7 @@ def bad_cases(tmp_path):
         "unknown arch": (["--arch", "resnet9"], "unknown arch resnet9"),
         "unknown arch in a list": (["--arch", "resnet8,nope"], "unknown arch nope"),
         "unknown dataset": (["--dataset", "mnist"], "invalid choice: 'mnist'"),
-        "unknown method": (["--method", "kd"], "invalid choice: 'kd'"),
+        "unknown method": (["--method", "fancy"], "invalid choice: 'fancy'"),
         "missing folder": (["--dataset", "imagefolder", "--data-dir", str(tmp_path / "nope")], "does not exist"),
         "empty folder": (["--dataset", "imagefolder", "--data-dir", str(empty)], "has no train/ folder"),
         "class mismatch": (["--dataset", "imagefolder", "--data-dir", str(mismatched)], "test classes differ"),
@@ -218,6 +218,6 @@ def test_unknown_config_key_is_reported(tmp_path, capsys):
     config.write_text("epochs: [1\n")
     assert main(["--config", str(config)]) == 2
     assert "not valid YAML" in capsys.readouterr().err
-    config.write_text("method: kd\n")
+    config.write_text("method: fancy\n")
     assert main(["--config", str(config)]) == 2
-    assert "bad value 'kd' for 'method'" in capsys.readouterr().err
+    assert "bad value 'fancy' for 'method'" in capsys.readouterr().err

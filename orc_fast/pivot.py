@@ -1,0 +1,76 @@
+"""The pivot teacher: one member of an earlier run of this trainer, loaded as the pre-trained
+teacher of pivot mode and of ``--method kd`` (docs/design.md §2).
+
+``--pivot`` names a checkpoint (``best.pt``/``latest.pt``) or a run folder (its best.pt, else
+its latest.pt). The architecture comes from the checkpoint; the member is ``--pivot-member``
+or, by default, the member that run ranked best on its validation split. Every problem is a
+``CheckpointError`` with a one-line reason (the trainer exits with code 2 before touching its
+output folder).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from . import checkpoint
+from .models import build_model
+
+
+def pivot_path(given: str) -> Path:
+    """The checkpoint file ``--pivot`` names: the path itself, or a run folder's best.pt (else
+    latest.pt)."""
+    path = Path(given)
+    if path.is_dir():
+        for name in ("best.pt", "latest.pt"):
+            if (path / name).is_file():
+                return path / name
+        raise checkpoint.CheckpointError(f"--pivot {path} is a folder without best.pt or latest.pt")
+    if not path.is_file():
+        raise checkpoint.CheckpointError(f"--pivot {path} does not exist")
+    return path
+
+
+def best_member(state: dict, path: Path) -> int:
+    """The member the pivot's run ranked best on its validation split (the last evaluated
+    epoch of the checkpoint); the only member of a one-member run."""
+    if len(state["models"]) == 1:
+        return 0
+    evaluated = [e for e in state["metrics"]["epochs"] if e.get("val_acc") is not None]
+    if not evaluated:
+        raise checkpoint.CheckpointError(
+            f"--pivot {path} has no validation accuracy to pick its best member from: give --pivot-member"
+        )
+    val_acc = evaluated[-1]["val_acc"]
+    return max(range(len(val_acc)), key=val_acc.__getitem__)
+
+
+def load_pivot(given: str, member: int | None, num_classes: int) -> tuple[nn.Module, dict]:
+    """The pivot model (on the CPU, in train mode) and a description of where it came from:
+    {"checkpoint", "arch", "member", "val_acc"} (val_acc None when its run had no split)."""
+    path = pivot_path(given)
+    state = checkpoint.load(path)
+    archs = state["config"].get("archs") or []
+    if len(state["models"]) != len(archs):
+        raise checkpoint.CheckpointError(
+            f"--pivot {path} holds {len(state['models'])} of its run's {len(archs)} members (a member-parallel "
+            f"rank file?): give a single-process checkpoint"
+        )
+    index = best_member(state, path) if member is None else member
+    if not 0 <= index < len(archs):
+        raise checkpoint.CheckpointError(f"--pivot-member {index} is not a member of {path} (members 0..{len(archs) - 1})")
+    saved_classes = state["config"].get("num_classes")
+    if saved_classes != num_classes:
+        raise checkpoint.CheckpointError(
+            f"--pivot {path} was trained on {saved_classes} classes, this run's data has {num_classes}"
+        )
+    model = build_model(archs[index], num_classes)
+    try:
+        model.load_state_dict(state["models"][index])
+    except RuntimeError as error:
+        raise checkpoint.CheckpointError(f"--pivot {path}: member {index} does not load into {archs[index]}: "
+                                         f"{str(error).strip().splitlines()[0]}") from None
+    evaluated = [e for e in state["metrics"]["epochs"] if e.get("val_acc") is not None]
+    val_acc = evaluated[-1]["val_acc"][index] if evaluated else None
+    return model, {"checkpoint": str(path), "arch": archs[index], "member": index, "val_acc": val_acc}
