@@ -55,10 +55,10 @@ def evaluation_data(args, run: TrainedRun, log=print) -> tuple[str, torch.Tensor
         if args.data_dir:
             raise UsageError(f"--data-dir goes with a dataset name for --data; {args.data} is a folder")
         where = str(args.data)
-        classes, images, labels = load_class_folders(args.data, run.image_size, log)
-        if {"train", "test"} & set(classes) and not {"train", "test"} & set(run.classes):
+        if any((Path(where) / split).is_dir() for split in ("train", "test")) and not {"train", "test"} & set(run.classes):
             raise DataError(f"{where} holds train/ or test/ folders: pass {Path(where) / 'test'} (a folder of class "
                             f"folders), or --data imagefolder --data-dir {where}")
+        classes, images, labels = load_class_folders(where, run.image_size, log)
     unknown = [c for c in classes if c not in run.classes]
     if unknown:
         raise DataError(f"{where} has classes the run was not trained on: {', '.join(unknown[:5])} "

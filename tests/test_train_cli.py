@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from orc_fast import checkpoint
-from orc_fast.train import build_parser, main, parse_args, resolve
+from orc_fast.train import UsageError, build_parser, main, parse_args, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small and quick: 2 members on 16x16 digits, 200 training images.
@@ -100,7 +100,9 @@ def test_config_file_and_cli_override(tmp_path):
     config.write_text("epochs: 7\nmethod: dml\narch: [resnet8, resnet14]\nerror_mixup: true\nmilestones: [3, 5]\n")
     args = parse_args(["--config", str(config)])
     assert (args.epochs, args.method, args.arch, args.error_mixup) == (7, "dml", "resnet8,resnet14", True)
-    assert resolve(args)["milestones"] == [3, 5]
+    with pytest.raises(UsageError, match="--method dml does not use --error-mixup"):
+        resolve(args)  # an orc-only flag that dml would silently ignore
+    assert resolve(parse_args(["--config", str(config), "--no-error-mixup"]))["milestones"] == [3, 5]
     args = parse_args(["--config", str(config), "--epochs", "2", "--no-error-mixup", "--method", "orc"])
     assert (args.epochs, args.error_mixup, args.method) == (2, False, "orc")
     resolved = resolve(args)
