@@ -111,7 +111,7 @@ def load(path) -> dict:
     if not magic:
         raise CheckpointError(f"checkpoint {path} is empty")
     if magic != b"PK\x03\x04" and magic[:1] != b"\x80":
-        raise CheckpointError(f"{path} is not a checkpoint (not a file written by torch.save)")
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint: torch.save did not write it")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means corrupt

@@ -163,7 +163,7 @@ def bad_cases(run: Path, tmp_path: Path) -> dict:
     return {
         "missing run": ([tmp_path / "nope"], "does not exist"),
         "folder without a run": ([tmp_path / "empty"], "holds no checkpoint"),
-        "text file": ([text], "is not a checkpoint (not a file written by torch.save)"),
+        "text file": ([text], "is corrupt or not a checkpoint: torch.save did not write it"),
         "member out of range": ([run, "--member", "2"], "--member 2 is out of range"),
         "member not a name": ([run, "--member", "first"], "--member must be a member index, best"),
         "best without validation": ([tmp_path / "noval", "--member", "best"], "trained with --val-split 0"),

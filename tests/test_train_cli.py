@@ -201,7 +201,7 @@ def bad_cases(tmp_path):
                                          "--method independent does not use --temperature"),
         "negative num-nets": (["--num-nets", "-3"], "--num-nets must be >= 1, got -3"),
         "file as data dir": (["--dataset", "imagefolder", "--data-dir", str(corrupt)], "is a file, not a folder"),
-        "text file as checkpoint": (["--resume", str(text)], "is not a checkpoint (not a file written by torch.save)"),
+        "text file as checkpoint": (["--resume", str(text)], "is corrupt or not a checkpoint: torch.save did not write it"),
         "changed epochs on resume": (["--resume"], "was trained with other settings (epochs 1 -> 2"),
         "changed lr on resume": (["--resume", "--epochs", "1", "--lr", "0.05"], "(lr 0.1 -> 0.05)"),
         "changed alpha on resume": (["--resume", "--epochs", "1", "--alpha", "0.9"], "alpha 0.5 -> 0.9"),
