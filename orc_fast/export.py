@@ -25,6 +25,7 @@ import io
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -89,13 +90,19 @@ def check_reloaded(saved: bytes, classifier: Classifier, image_size: int) -> flo
         return (reloaded(images) - classifier(images)).abs().max().item()
 
 
-def write_onnx(classifier: Classifier, image_size: int, path: Path) -> None:
+def onnx_bytes(classifier: Classifier, image_size: int) -> bytes:
+    """The classifier as an ONNX model (torch.onnx's dynamo exporter, dynamic batch)."""
     example = torch.rand(2, 3, image_size, image_size)
-    program = torch.onnx.export(classifier.eval(), (example,), dynamo=True,
-                                dynamic_shapes={"images": {0: torch.export.Dim("batch")}})
-    buffer = io.BytesIO()
-    program.save(buffer)
-    checkpoint.write_atomic(path, lambda handle: handle.write(buffer.getvalue()))
+    try:
+        program = torch.onnx.export(classifier.eval(), (example,), dynamo=True,
+                                    dynamic_shapes={"images": {0: torch.export.Dim("batch")}})
+    except Exception as error:  # noqa: BLE001 - any exporter failure: say which, in one line
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"ONNX export failed: {first}") from None
+    with tempfile.TemporaryDirectory() as folder:  # ONNXProgram.save takes a path only
+        staged = Path(folder) / "model.onnx"
+        program.save(staged, external_data=False)
+        return staged.read_bytes()
 
 
 def check_outputs(args) -> None:
@@ -132,13 +139,15 @@ def export(args) -> dict:
     if not difference <= 1e-4:
         raise UsageError(f"the exported program does not reproduce the model (largest difference {difference:.3g}); "
                          f"nothing was written")
+    onnx = onnx_bytes(classifier, run.image_size) if args.onnx else None
+    # Written only now that both exist: a failure above leaves every file as it was.
     out = Path(args.out)
     checkpoint.write_atomic(out, lambda handle: handle.write(buffer.getvalue()))
     print(f"{description} of {run.path} (epoch {run.epoch}) -> {out} ({os.path.getsize(out) / 1e6:.2f} MB; "
           f"reloaded, largest difference from the eager model {difference:.1e})")
     print(f'load it with: torch.export.load("{out}").module(); input {info["input"]}')
-    if args.onnx:
-        write_onnx(classifier, run.image_size, Path(args.onnx))
+    if onnx is not None:
+        checkpoint.write_atomic(args.onnx, lambda handle: handle.write(onnx))
         print(f"ONNX -> {args.onnx}")
     return info
 
