@@ -100,12 +100,22 @@ def save(path, state: dict) -> None:
 def load(path) -> dict:
     """Read and check a checkpoint; raises CheckpointError with a one-line reason."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a file")
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    # torch.save writes a zip archive (or, in its legacy format, a pickle): anything else
+    # is some other file, and the unpickler's complaint about it would mean nothing.
+    if not magic:
+        raise CheckpointError(f"checkpoint {path} is empty")
+    if magic != b"PK\x03\x04" and magic[:1] != b"\x80":
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint: torch.save did not write it")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means corrupt
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = _first_line(error).split(". ")[0]
         raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint ({reason[:200]})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an orc_fast.train checkpoint")

@@ -8,8 +8,9 @@ whole batch.
 
 Decoded ImageFolder trees are cached under ``~/.cache/orc_fast`` (``$ORC_FAST_CACHE``
 or ``$XDG_CACHE_HOME/orc_fast`` when set), never inside the data folder, which may be
-read-only. The cache key is the folder's absolute path, the image size and the
-modification times and file counts of its directories.
+read-only. The cache key is the folder's absolute path, the decode settings (image
+size, colour mode, resampling) and every file's name, size and modification time in
+nanoseconds; a newer decode of the same folder at the same settings replaces the old one.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from .checkpoint import write_atomic
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff"}
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+# How an image file becomes a uint8 array (``_decode``); part of the decode cache's key.
+DECODE = {"mode": "RGB", "resample": "bilinear"}
 
 
 class DataError(ValueError):
@@ -106,6 +109,8 @@ def _cifar(name: str, data_dir: str | None, download: bool, image_size: int):
     if not data_dir:
         raise DataError(f"--dataset {name} needs --data-dir (add --download to fetch it there)")
     root = Path(data_dir)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"data folder {root} is a file, not a folder")
     if not download and not root.is_dir():
         raise DataError(f"data folder {root} does not exist (add --download to fetch {name} into it)")
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
@@ -125,22 +130,35 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
+def _check_folder(root: Path) -> None:
+    if not root.exists():
+        raise DataError(f"data folder {root} does not exist")
+    if not root.is_dir():
+        raise DataError(f"data folder {root} is a file, not a folder")
+
+
+def scan_class_folders(folder: Path) -> dict[str, list[Path]]:
+    """The images of each class folder of ``folder`` (``folder/<class>/*``), classes sorted;
+    raises DataError when there are no class folders or one holds no images."""
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"{folder} holds no class folders")
+    listing = {c: _image_files(folder / c) for c in classes}
+    empty = [c for c, files in listing.items() if not files]
+    if empty:
+        raise DataError(f"{folder} has class folders without images: {', '.join(empty[:5])}")
+    return listing
+
+
 def _scan_imagefolder(root: Path) -> tuple[list[str], dict[str, dict[str, list[Path]]]]:
     """Validate the D/train/<class>, D/test/<class> layout; list the images of each class."""
-    if not root.is_dir():
-        raise DataError(f"data folder {root} does not exist")
+    _check_folder(root)
     listing: dict[str, dict[str, list[Path]]] = {}
     for split in ("train", "test"):
         split_dir = root / split
         if not split_dir.is_dir():
             raise DataError(f"data folder {root} has no {split}/ folder (expected {root}/{split}/<class>/*)")
-        classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
-        if not classes:
-            raise DataError(f"{split_dir} holds no class folders")
-        listing[split] = {c: _image_files(split_dir / c) for c in classes}
-        empty = [c for c, files in listing[split].items() if not files]
-        if empty:
-            raise DataError(f"{split_dir} has class folders without images: {', '.join(empty[:5])}")
+        listing[split] = scan_class_folders(split_dir)
     train_classes, test_classes = list(listing["train"]), list(listing["test"])
     if train_classes != test_classes:
         missing = sorted(set(train_classes) - set(test_classes))
@@ -159,13 +177,26 @@ def cache_dir() -> Path:
     return Path(base) / "orc_fast"
 
 
-def _cache_key(root: Path, classes: list[str], listing, image_size: int) -> str:
-    signature = {"version": CACHE_VERSION, "root": str(root.resolve()), "size": image_size, "dirs": []}
-    for split in ("train", "test"):
-        for directory in [root, root / split] + [root / split / c for c in classes]:
-            signature["dirs"].append([str(directory), directory.stat().st_mtime_ns])
-        signature["dirs"].append([split, [len(listing[split][c]) for c in classes]])
-    return hashlib.sha256(json.dumps(signature).encode()).hexdigest()[:24]
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:24]
+
+
+def _cache_path(root: Path, listing: dict[str, dict[str, list[Path]]], image_size: int) -> Path:
+    """imagefolder-<folder and decode settings>-<every file's name, size and mtime>.pt.
+
+    The first part names the slot: a tree decoded at given settings has one cache file,
+    and a newer one replaces it. The second changes when any file is added, removed or
+    rewritten (size and nanosecond mtime), even in place, which leaves directory mtimes
+    alone."""
+    settings = {"version": CACHE_VERSION, "root": str(root.resolve()), "splits": list(listing), "size": image_size,
+                "decode": DECODE}
+    files = []
+    for split, classes in listing.items():
+        for name, paths in classes.items():
+            for path in paths:
+                stat = path.stat()
+                files.append([split, name, path.name, stat.st_size, stat.st_mtime_ns])
+    return cache_dir() / f"imagefolder-{_digest(settings)}-{_digest(files)}.pt"
 
 
 def _decode(path: Path, image_size: int) -> np.ndarray:
@@ -173,9 +204,9 @@ def _decode(path: Path, image_size: int) -> np.ndarray:
 
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB")
+            image = image.convert(DECODE["mode"])
             if image.size != (image_size, image_size):
-                image = image.resize((image_size, image_size), Image.BILINEAR)
+                image = image.resize((image_size, image_size), Image.Resampling[DECODE["resample"].upper()])
             return np.asarray(image, dtype=np.uint8)
     except Exception as error:  # noqa: BLE001 - any decoder failure is a data problem
         raise DataError(f"cannot decode image {path}: {error}") from None
@@ -194,34 +225,57 @@ def _save_torch_atomic(obj, path: Path) -> None:
     write_atomic(path, lambda handle: torch.save(obj, handle))
 
 
+def _decode_cached(root: Path, listing: dict[str, dict[str, list[Path]]], image_size: int, log=print) -> dict:
+    """{split: (uint8 images [N, 3, S, S], labels [N])} of a scanned tree, labels indexing each
+    split's sorted classes; decoded once, then read from the cache."""
+    cache_path = _cache_path(root, listing, image_size)
+    if cache_path.exists():
+        try:
+            cached = torch.load(cache_path, weights_only=True)
+            if cached["classes"] == {split: list(classes) for split, classes in listing.items()}:
+                return {split: (cached["images"][split], cached["labels"][split]) for split in listing}
+        except Exception:  # noqa: BLE001 - a broken cache is rebuilt
+            pass
+    log(f"decoding {root} once ({sum(len(f) for s in listing.values() for f in s.values())} images) ...")
+    decoded = {}
+    for split, classes in listing.items():
+        files = [(path, label) for label, paths in enumerate(classes.values()) for path in paths]
+        decoded[split] = _decode_split(files, image_size)
+    try:
+        _save_torch_atomic(
+            {"classes": {split: list(classes) for split, classes in listing.items()},
+             "images": {split: images for split, (images, _) in decoded.items()},
+             "labels": {split: labels for split, (_, labels) in decoded.items()}},
+            cache_path,
+        )
+        log(f"cached the decoded images in {cache_path}")
+        slot = cache_path.name.rsplit("-", 1)[0]
+        for older in cache_path.parent.glob(f"{slot}-*.pt"):  # what this tree decoded to before
+            if older != cache_path:
+                older.unlink(missing_ok=True)
+    except OSError as error:
+        log(f"warning: could not write the decode cache {cache_path}: {error}")
+    return decoded
+
+
 def _imagefolder(data_dir: str | None, image_size: int, log=print):
     if not data_dir:
         raise DataError("--dataset imagefolder needs --data-dir D with D/train/<class>/* and D/test/<class>/*")
     root = Path(data_dir)
     classes, listing = _scan_imagefolder(root)
-    cache_path = cache_dir() / f"imagefolder-{_cache_key(root, classes, listing, image_size)}.pt"
-    if cache_path.exists():
-        try:
-            cached = torch.load(cache_path, weights_only=True)
-            if cached["classes"] == classes:
-                return classes, cached["train_images"], cached["train_labels"], cached["test_images"], cached["test_labels"]
-        except Exception:  # noqa: BLE001 - a broken cache is rebuilt
-            pass
-    log(f"decoding {root} once ({sum(len(f) for s in listing.values() for f in s.values())} images) ...")
-    splits = []
-    for split in ("train", "test"):
-        files = [(path, label) for label, c in enumerate(classes) for path in listing[split][c]]
-        splits += list(_decode_split(files, image_size))
-    try:
-        _save_torch_atomic(
-            {"classes": classes, "train_images": splits[0], "train_labels": splits[1],
-             "test_images": splits[2], "test_labels": splits[3]},
-            cache_path,
-        )
-        log(f"cached the decoded images in {cache_path}")
-    except OSError as error:
-        log(f"warning: could not write the decode cache {cache_path}: {error}")
-    return classes, *splits
+    decoded = _decode_cached(root, listing, image_size, log)
+    return classes, *decoded["train"], *decoded["test"]
+
+
+def load_class_folders(folder: str | os.PathLike, image_size: int, log=print) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """One folder of class folders (``folder/<class>/*``, e.g. a test set on its own): its
+    sorted class names, uint8 images [N, 3, S, S] and labels [N] indexing those names.
+    Decoded and cached like an ImageFolder tree."""
+    root = Path(folder)
+    _check_folder(root)
+    listing = {"": scan_class_folders(root)}
+    ((images, labels),) = _decode_cached(root, listing, image_size, log).values()
+    return list(listing[""]), images, labels
 
 
 # ---------------------------------------------------------------------------- assembly
@@ -283,8 +337,15 @@ def load_dataset(
         classes, train_x, train_y, test_x, test_y = _imagefolder(data_dir, image_size, log)
     if len(train_y) == 0 or len(test_y) == 0:
         raise DataError(f"dataset {name} has an empty train or test split")
+    if len(classes) < 2:
+        raise DataError(f"dataset {name} has only one class ({classes[0]}): a classifier needs at least 2")
     if train_subset < 0:
         raise DataError(f"--train-subset must be >= 0, got {train_subset}")
+    if train_subset > len(train_y):
+        raise DataError(f"--train-subset {train_subset} asks for more than the {len(train_y)} training images of {name}")
+    if 0 < train_subset < len(classes):
+        raise DataError(f"--train-subset {train_subset} is smaller than the {len(classes)} classes of {name}: "
+                        f"every class needs a training image")
     if train_subset:
         index = class_balanced_subset(train_y, train_subset, len(classes))
         train_x, train_y = train_x[index], train_y[index]
@@ -298,6 +359,10 @@ def load_dataset(
         held_out[class_balanced_subset(train_y, val_split, len(classes), seed=1)] = True
     val_x, val_y = train_x[held_out], train_y[held_out]
     train_x, train_y = train_x[~held_out], train_y[~held_out]
+    untrained = [classes[c] for c, n in enumerate(torch.bincount(train_y, minlength=len(classes)).tolist()) if n == 0]
+    if untrained:
+        raise DataError(f"dataset {name}: no training image of class {', '.join(untrained[:5])} is left after "
+                        f"--train-subset {train_subset} and --val-split {val_split} (use more training images)")
     scaled = train_x.float().div_(255.0)
     mean = scaled.mean(dim=(0, 2, 3))
     std = scaled.std(dim=(0, 2, 3)).clamp_min(1e-3)
@@ -313,7 +378,12 @@ def load_dataset(
 
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 [B, 3, H, W] -> fp32, per-channel standardised."""
-    return (images.float().div_(255.0) - mean[:, None, None]) / std[:, None, None]
+    return standardize(images.float().div_(255.0), mean, std)
+
+
+def standardize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """fp32 [B, 3, H, W] in [0, 1] -> per-channel standardised (what a trained member expects)."""
+    return (images - mean[:, None, None]) / std[:, None, None]
 
 
 def augment(images: torch.Tensor, generator: torch.Generator, padding: int = 4, flip: bool = True) -> torch.Tensor:

@@ -71,7 +71,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, like every other input error here
-        print(f"{PROG}: error: {message}", file=sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -143,16 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random crop (4-pixel zero padding) and horizontal flip (not for digits), on the device")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=10)
-    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--epochs", type=int, default=10, help="training epochs (the lr schedule spans them)")
+    g.add_argument("--batch-size", type=int, default=64,
+                   help="training images per step, the same batch for every member (a last partial batch is dropped)")
     g.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (every member)")
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (L2, every parameter)")
     g.add_argument("--schedule", choices=("step", "cosine"), default="cosine",
                    help="cosine: per-step cosine decay to 0; step: multiply by --lr-decay at each milestone")
     g.add_argument("--milestones", default="",
                    help="comma list of epochs for --schedule step (default: 62.5%%, 75%%, 87.5%% of --epochs)")
-    g.add_argument("--lr-decay", type=float, default=0.1)
+    g.add_argument("--lr-decay", type=float, default=0.1, help="--schedule step: lr factor at each milestone")
 
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1, ...")
@@ -164,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the members' forward (and so their backward); the first steps compile")
     g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
                    help="capture the whole group step in a CUDA graph after 3 warm-up steps (CUDA only)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0,
+                   help="seeds the members' initialisation, batch order and augmentation (not the data splits, "
+                   "which are fixed)")
     g.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch (0: half the cores on a CPU run: small convolutions gain little "
                    "from more, and OpenMP threads stall badly on a busy machine)")
@@ -174,11 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start afresh in an --out folder that holds a run (its files are replaced); without it, "
                    "such a folder is refused unless --resume")
     g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-                   help="continue from a checkpoint (default: <out>/latest.pt); the model/data flags must match")
+                   help="continue from a checkpoint (default: <out>/latest.pt); the model/data flags must match, "
+                   "and a changed schedule or loss flag is refused unless --resume-changes")
+    g.add_argument("--resume-changes", action=argparse.BooleanOptionalAction, default=False,
+                   help="with --resume: accept changed schedule, optimiser or loss flags (--epochs, --lr, --alpha, "
+                   "...); the rest of the run uses the new values and the run prints what changed")
     g.add_argument("--stop-after", type=int, default=0,
                    help="stop after this epoch (the schedule still runs to --epochs; continue with --resume)")
     g.add_argument("--eval-every", type=int, default=1, help="evaluate every this many epochs (and always the last)")
-    g.add_argument("--eval-batch-size", type=int, default=1000)
+    g.add_argument("--eval-batch-size", type=int, default=1000,
+                   help="images per forward when measuring accuracy (memory only; results are the same)")
     g.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
                    help="per-epoch progress bar on stderr (auto: when stderr is a terminal)")
     g.add_argument("--dist-timeout", type=float, default=120.0,
@@ -241,6 +249,12 @@ def resolve(args: argparse.Namespace) -> dict:
     unknown = [a for a in archs if a not in MODELS]
     if not archs or unknown:
         raise UsageError(f"unknown arch {', '.join(unknown) or repr(args.arch)}; known: {', '.join(MODELS)}")
+    if args.num_nets is not None and args.num_nets < 1:
+        raise UsageError(f"--num-nets must be >= 1, got {args.num_nets}")
+    unused = unused_flags(args)
+    if unused:
+        raise UsageError(f"--method {args.method} does not use {', '.join(unused)}"
+                         + (" (CE only)" if args.method == "independent" else " (they belong to --method orc)"))
     if len(archs) == 1:
         num_nets = 4 if args.num_nets is None else args.num_nets
         archs = archs * num_nets
@@ -305,6 +319,7 @@ def resolve(args: argparse.Namespace) -> dict:
         out=args.out or f"runs/{args.method}_{args.dataset}_{time.strftime('%Y%m%d-%H%M%S')}",
     )
     check_out_folder(Path(config["out"]), resuming=bool(args.resume), overwrite=args.overwrite)
+    args.out = config["out"]  # the folder a Ctrl-C message names (main)
     return config
 
 
@@ -347,6 +362,22 @@ def pivot_settings(args: argparse.Namespace, num_nets: int) -> dict:
         raise UsageError(f"--promote must lie in [0, N-1] = [0, {num_nets - 1}], got {promote}")
     return {"pivot": path, "pivot_member": args.pivot_member, "promote": promote,
             "freeze_pivot": bool(args.freeze_pivot), "error_mixup": args.error_mixup is not False}
+
+
+# Flags that only some methods read: another method would silently ignore them.
+ORC_ONLY = ("teacher_size", "error_rule", "error_weight", "error_mixup", "mixup_alpha", "refresh_teachers", "rank_momentum")
+DISTILLATION_ONLY = ("temperature", "alpha", "ce_weight", "kd_weight")
+
+
+def unused_flags(args: argparse.Namespace) -> list[str]:
+    """The flags set away from their defaults that --method does not read."""
+    unused = (ORC_ONLY if args.method != "orc" else ()) + (DISTILLATION_ONLY if args.method == "independent" else ())
+    parser = build_parser()
+    def given(dest):  # a --no-flag whose default is None (the method decides) says nothing either
+        value, default = getattr(args, dest), parser.get_default(dest)
+        return value != default and not (default is None and value is False)
+
+    return ["--" + dest.replace("_", "-") for dest in unused if given(dest)]
 
 
 RUN_FILES = ("metrics.json", "latest.pt", "best.pt", "latest.json", "best.json")
@@ -473,15 +504,44 @@ def save_outputs(out: Path, metrics: dict) -> None:
         print(f"warning: could not draw {out / 'curves.png'}: {error}")
 
 
+# What a checkpoint's run must share with the run that resumes it: the group, the data and
+# the random streams (a resumed run continues the saved ones, so --seed cannot change) ...
+RESUME_FIXED = ("archs", "method", "dataset", "image_size", "train_subset", "val_split", "teacher_size", "num_classes",
+                "seed", "pivot_arch", "promote", "freeze_pivot")
+# ... and what it may change only when --resume-changes says so: the schedule, the optimiser
+# and the loss (a changed --epochs moves the cosine schedule under the run's feet).
+RESUME_CHANGEABLE = ("epochs", "batch_size", "lr", "schedule", "milestones", "lr_decay", "momentum", "weight_decay",
+                     "augment", "temperature", "alpha", "kd_scale", "error_rule", "error_weight", "error_mixup",
+                     "mixup_alpha", "refresh_teachers", "rank_momentum")
+
+
 def check_resumable(state: dict, config: dict, path) -> None:
-    """The checkpoint must come from a run with the same group, data and method."""
+    """The checkpoint must come from a run with the same group, data, method and seed, and the
+    same schedule and loss unless --resume-changes (then the changes are printed and recorded
+    in the config)."""
     saved = state["config"]
-    for key in ("archs", "method", "dataset", "image_size", "train_subset", "val_split", "teacher_size", "num_classes",
-                "pivot_arch", "promote", "freeze_pivot"):
+    for key in RESUME_FIXED:
         if saved.get(key) != config.get(key):
             raise checkpoint.CheckpointError(
                 f"checkpoint {path} does not match this run: {key} was {saved.get(key)!r}, now {config.get(key)!r}"
             )
+    # A key an older checkpoint did not record cannot be compared.
+    changes = {key: [saved[key], config.get(key)] for key in RESUME_CHANGEABLE
+               if key in saved and saved[key] != config.get(key)}
+    described = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
+    if changes and not config.get("resume_changes"):
+        raise checkpoint.CheckpointError(
+            f"checkpoint {path} was trained with other settings ({described}); add --resume-changes to continue "
+            f"with the new values, or resume with the old ones"
+        )
+    if config["epochs"] < state["epoch"]:
+        raise checkpoint.CheckpointError(f"--epochs {config['epochs']} is fewer than the {state['epoch']} epochs "
+                                         f"checkpoint {path} has trained")
+    history = saved.get("changed_on_resume", []) + ([{"epoch": state["epoch"], "changes": changes}] if changes else [])
+    if history:
+        config["changed_on_resume"] = history
+    if changes:
+        print(f"resuming with changed settings: {described}")
 
 
 @dataclass
@@ -668,9 +728,10 @@ def train_epoch(args: argparse.Namespace, config: dict, group: Group, dataset, e
 
 
 def save_epoch(out: Path, config: dict, group: Group, placement, metrics: dict, epoch: int, is_best: bool,
-               best_accuracy: float) -> None:
+               best_accuracy: float, dataset) -> None:
     """Checkpoints (atomic; latest.pt, best.pt when best; per rank under torchrun), then
-    metrics.json and the plot."""
+    metrics.json and the plot. A checkpoint carries what using a member needs besides its
+    weights: the class names and how images were normalised (orc_fast/trained.py)."""
     out.mkdir(parents=True, exist_ok=True)
     state = {
         "epoch": epoch, "config": config,
@@ -682,6 +743,8 @@ def save_epoch(out: Path, config: dict, group: Group, placement, metrics: dict, 
             "model": group.pivot.state_dict(),
             "optimizer": None if group.pivot_optimizer is None else group.pivot_optimizer.state_dict(),
         },
+        "data": {"classes": dataset.classes, "image_size": dataset.image_size, "mean": dataset.mean.cpu(),
+                 "std": dataset.std.cpu()},
     }
     placement.save_checkpoint(out, state, is_best)
     if placement.is_main:
@@ -774,7 +837,7 @@ def run(args: argparse.Namespace) -> dict:
             metrics["final"] = final_record(record)
         if is_best:
             best_accuracy = val_ensemble_acc
-        save_epoch(out, config, group, placement, metrics, epoch + 1, is_best, best_accuracy)
+        save_epoch(out, config, group, placement, metrics, epoch + 1, is_best, best_accuracy, dataset)
         report_epoch(args, record, seconds)
 
     report_final(args, config, metrics, last_epoch, placement)
@@ -793,9 +856,29 @@ def _runs(archs):
     return groups
 
 
+def interrupted_message(out: str | None) -> str:
+    """What a Ctrl-C leaves: the epoch the last complete checkpoint holds, or that there is
+    none to resume."""
+    if out is None:
+        return "interrupted before the run started; nothing was written"
+    for name in ("latest.pt", "latest.json"):
+        path = Path(out) / name
+        if not path.is_file():
+            continue
+        try:
+            epoch = json.loads(path.read_text())["epoch"] if name.endswith(".json") else checkpoint.load(path)["epoch"]
+        except (checkpoint.CheckpointError, OSError, ValueError, KeyError):
+            return f"interrupted; {path} cannot be read, so there is nothing to resume"
+        return f"interrupted; {path} holds epoch {epoch}: continue with the same command and --resume --out {out}"
+    return ("interrupted before the first checkpoint was written, so there is nothing to resume: run the same "
+            "command again (without --resume)")
+
+
 def main(argv=None) -> int:
+    args = None
     try:
-        run(parse_args(argv))
+        args = parse_args(argv)
+        run(args)
     except (UsageError, DataError, checkpoint.CheckpointError, distributed.LaunchError) as error:
         message = " ".join(str(error).split())
         print(f"{PROG}: error: {message}", file=sys.stderr)
@@ -807,7 +890,7 @@ def main(argv=None) -> int:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\ninterrupted; continue with --resume", file=sys.stderr)
+        print("\n" + interrupted_message(getattr(args, "out", None)), file=sys.stderr)
         return 130
     return 0
 

@@ -90,7 +90,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path, uninterr
 def test_nan_stop_names_member_and_step_and_keeps_last_good_checkpoint(tmp_path):
     train(tmp_path, "--stop-after", "1")
     before = (tmp_path / "latest.pt").read_bytes()
-    blown = train(tmp_path, "--resume", "--lr", "1e12", check=False)
+    blown = train(tmp_path, "--resume", "--resume-changes", "--lr", "1e12", check=False)
     assert blown.returncode == 1
     assert "non-finite loss for member" in blown.stderr and "epoch 2, step" in blown.stderr
     assert (tmp_path / "latest.pt").read_bytes() == before

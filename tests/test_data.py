@@ -134,11 +134,45 @@ def test_imagefolder_loads_resizes_and_caches_outside_the_data(tmp_path):
     again = load_dataset("imagefolder", str(root), image_size=16, log=messages.append)
     assert not any("decoding" in m for m in messages)
     assert torch.equal(again.train_images, data.train_images)
-    # A new image changes the directory's mtime and file count: a new cache entry.
+    # A new image: a new decode, which replaces the old cache entry of this folder.
     write_tree(root, classes=("cat",), per_class=4)
     os.utime(root / "train" / "cat", ns=(1, 10**18))
-    load_dataset("imagefolder", str(root), image_size=16, log=messages.append)
+    grown = load_dataset("imagefolder", str(root), image_size=16, log=messages.append)
+    assert len(grown.train_labels) == 7
+    assert [p.name for p in (tmp_path / "cache").glob("imagefolder-*.pt")] != [p.name for p in cached]
+    assert len(list((tmp_path / "cache").glob("imagefolder-*.pt"))) == 1
+
+
+def test_imagefolder_cache_sees_a_file_rewritten_in_place(tmp_path):
+    from PIL import Image
+
+    root = write_tree(tmp_path / "data")
+    first = load_dataset("imagefolder", str(root), image_size=10, log=lambda m: None)
+    image = root / "train" / "cat" / "1.png"
+    folder_times = {d: d.stat().st_mtime_ns for d in (root, root / "train", root / "train" / "cat")}
+    stat = image.stat()
+    Image.fromarray(np.full((10, 10, 3), 7, dtype=np.uint8)).save(image)  # same name, same folder
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # even 1 ns later is another file
+    for directory, mtime in folder_times.items():  # what the old key looked at is unchanged
+        os.utime(directory, ns=(mtime, mtime))
+    messages = []
+    second = load_dataset("imagefolder", str(root), image_size=10, log=messages.append)
+    assert any("decoding" in m for m in messages)
+    assert (second.train_images[1] == 7).all() and not (first.train_images[1] == 7).all()
+    assert torch.equal(second.train_images[[0, 2, 3, 4, 5]], first.train_images[[0, 2, 3, 4, 5]])
+    assert len(list((tmp_path / "cache").glob("imagefolder-*.pt"))) == 1  # the stale decode is gone
+
+
+def test_imagefolder_cache_key_covers_the_decode_settings(tmp_path):
+    root = write_tree(tmp_path / "data")
+    small = load_dataset("imagefolder", str(root), image_size=8, log=lambda m: None)
+    large = load_dataset("imagefolder", str(root), image_size=12, log=lambda m: None)
+    assert small.image_size == 8 and large.image_size == 12
+    # Two settings of one folder are two slots; neither replaces the other.
     assert len(list((tmp_path / "cache").glob("imagefolder-*.pt"))) == 2
+    messages = []
+    load_dataset("imagefolder", str(root), image_size=8, log=messages.append)
+    assert not any("decoding" in m for m in messages)
 
 
 def test_imagefolder_bad_trees(tmp_path):
@@ -163,10 +197,43 @@ def test_imagefolder_bad_trees(tmp_path):
         f.unlink()
     with pytest.raises(DataError, match="without images: dog"):
         load_dataset("imagefolder", str(hollow))
+    single = write_tree(tmp_path / "single", classes=("cat",))
+    with pytest.raises(DataError, match="only one class"):
+        load_dataset("imagefolder", str(single), log=lambda m: None)
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(DataError, match="is a file, not a folder"):
+        load_dataset("imagefolder", str(tmp_path / "a_file"))
+    with pytest.raises(DataError, match="is a file, not a folder"):
+        load_dataset("cifar10", str(tmp_path / "a_file"))
     broken = write_tree(tmp_path / "broken")
     (broken / "train" / "cat" / "0.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match="cannot decode image"):
         load_dataset("imagefolder", str(broken), log=lambda m: None)
+
+
+def test_training_subsets_must_cover_every_class():
+    with pytest.raises(DataError, match="--train-subset 5 is smaller than the 10 classes"):
+        load_dataset("digits", image_size=8, train_subset=5)
+    with pytest.raises(DataError, match="--train-subset 99999 asks for more than the 1437 training images"):
+        load_dataset("digits", image_size=8, train_subset=99999)
+    # 10 images, one per class, of which the validation split takes one: a class has none left.
+    with pytest.raises(DataError, match="no training image of class"):
+        load_dataset("digits", image_size=8, train_subset=10, val_split=1)
+    assert len(load_dataset("digits", image_size=8, train_subset=10).train_labels) == 10
+    assert len(load_dataset("digits", image_size=8, train_subset=1437).train_labels) == 1437
+
+
+def test_class_folders_of_a_test_set_alone(tmp_path):
+    from orc_fast.data import load_class_folders
+
+    root = write_tree(tmp_path / "data", classes=("dog", "cat", "owl"))
+    classes, images, labels = load_class_folders(root / "test", 12, log=lambda m: None)
+    assert classes == ["cat", "dog", "owl"] and images.shape == (9, 3, 12, 12) and images.dtype == torch.uint8
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    with pytest.raises(DataError, match="does not exist"):
+        load_class_folders(tmp_path / "nope", 12)
+    with pytest.raises(DataError, match="holds no class folders"):
+        load_class_folders(root / "test" / "cat", 12)
 
 
 def test_other_bad_inputs(tmp_path):

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from orc_fast import checkpoint
-from orc_fast.train import build_parser, main, parse_args, resolve
+from orc_fast.train import UsageError, build_parser, main, parse_args, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small and quick: 2 members on 16x16 digits, 200 training images.
@@ -100,7 +101,9 @@ def test_config_file_and_cli_override(tmp_path):
     config.write_text("epochs: 7\nmethod: dml\narch: [resnet8, resnet14]\nerror_mixup: true\nmilestones: [3, 5]\n")
     args = parse_args(["--config", str(config)])
     assert (args.epochs, args.method, args.arch, args.error_mixup) == (7, "dml", "resnet8,resnet14", True)
-    assert resolve(args)["milestones"] == [3, 5]
+    with pytest.raises(UsageError, match="--method dml does not use --error-mixup"):
+        resolve(args)  # an orc-only flag that dml would silently ignore
+    assert resolve(parse_args(["--config", str(config), "--no-error-mixup"]))["milestones"] == [3, 5]
     args = parse_args(["--config", str(config), "--epochs", "2", "--no-error-mixup", "--method", "orc"])
     assert (args.epochs, args.error_mixup, args.method) == (2, False, "orc")
     resolved = resolve(args)
@@ -166,6 +169,12 @@ def bad_cases(tmp_path):
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"\x80\x02 this is not a checkpoint")
     truncated = tmp_path / "truncated.pt"
+    text = tmp_path / "afile.txt"
+    text.write_text("hello\n")
+    one_class = tmp_path / "one_class"
+    for split in ("train", "test"):
+        (one_class / split / "cat").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(one_class / split / "cat" / "x.png")
     return {
         "unknown arch": (["--arch", "resnet9"], "unknown arch resnet9"),
         "unknown arch in a list": (["--arch", "resnet8,nope"], "unknown arch nope"),
@@ -183,6 +192,21 @@ def bad_cases(tmp_path):
         "bad config": (["--config", str(tmp_path / "none.yaml")], "cannot read --config"),
         "used folder": ([], "already holds a run"),
         "file as out": (["--out", str(corrupt)], "is a file, not a folder"),
+        "one-class folder": (["--dataset", "imagefolder", "--data-dir", str(one_class), "--train-subset", "0"],
+                             "has only one class (cat): a classifier needs at least 2"),
+        "subset below classes": (["--train-subset", "5"], "--train-subset 5 is smaller than the 10 classes"),
+        "subset above data": (["--train-subset", "99999"], "--train-subset 99999 asks for more than the 1437"),
+        "teacher size with dml": (["--method", "dml", "--teacher-size", "1"], "--method dml does not use --teacher-size"),
+        "temperature with independent": (["--method", "independent", "--temperature", "2"],
+                                         "--method independent does not use --temperature"),
+        "negative num-nets": (["--num-nets", "-3"], "--num-nets must be >= 1, got -3"),
+        "file as data dir": (["--dataset", "imagefolder", "--data-dir", str(corrupt)], "is a file, not a folder"),
+        "text file as checkpoint": (["--resume", str(text)], "is corrupt or not a checkpoint: torch.save did not write it"),
+        "changed epochs on resume": (["--resume"], "was trained with other settings (epochs 1 -> 2"),
+        "changed lr on resume": (["--resume", "--epochs", "1", "--lr", "0.05"], "(lr 0.1 -> 0.05)"),
+        "changed alpha on resume": (["--resume", "--epochs", "1", "--alpha", "0.9"], "alpha 0.5 -> 0.9"),
+        "changed seed on resume": (["--resume", "--epochs", "1", "--seed", "4", "--resume-changes"],
+                                   "does not match this run: seed was 0, now 4"),
     }
 
 
@@ -190,7 +214,10 @@ def bad_cases(tmp_path):
     "case",
     ["unknown arch", "unknown arch in a list", "unknown dataset", "unknown method", "missing folder", "empty folder",
      "class mismatch", "teacher size 0", "teacher size N", "corrupt checkpoint", "missing checkpoint",
-     "mismatched checkpoint", "bad number", "bad config", "used folder", "file as out"],
+     "mismatched checkpoint", "bad number", "bad config", "used folder", "file as out", "one-class folder",
+     "subset below classes", "subset above data", "teacher size with dml", "temperature with independent",
+     "negative num-nets", "file as data dir", "text file as checkpoint", "changed epochs on resume",
+     "changed lr on resume", "changed alpha on resume", "changed seed on resume"],
 )
 def test_bad_input_is_one_line_exit_2_and_overwrites_nothing(case, previous_run, tmp_path, capsys):
     argv, message = bad_cases(tmp_path)[case]
@@ -221,3 +248,80 @@ def test_unknown_config_key_is_reported(tmp_path, capsys):
     config.write_text("method: fancy\n")
     assert main(["--config", str(config)]) == 2
     assert "bad value 'fancy' for 'method'" in capsys.readouterr().err
+
+
+def test_help_gives_every_flag_a_text_and_shows_the_defaults(capsys):
+    parser = build_parser()
+    undocumented = [a.option_strings[0] for a in parser._actions if a.option_strings and not (a.help or "").strip()]
+    assert undocumented == []
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    entries, current = {}, None  # each option's help: from its "  --flag" line to the next option
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("  -"):
+            current = line.split()[0].rstrip(",")
+            entries[current] = ""
+        if current:
+            entries[current] += " " + line.strip()
+    for flag, default in (("--epochs", 10), ("--batch-size", 64), ("--momentum", 0.9), ("--weight-decay", 0.0005),
+                          ("--lr-decay", 0.1), ("--seed", 0), ("--eval-batch-size", 1000)):
+        assert f"(default: {default})" in entries[flag], (flag, entries[flag])
+
+
+def test_resume_with_changes_continues_with_the_new_values(tmp_path, capsys):
+    assert run_main(FAST + ["--epochs", "1", "--out", str(tmp_path)], capsys)[0] == 0
+    code, out, err = run_main(FAST + ["--epochs", "2", "--lr", "0.05", "--out", str(tmp_path), "--resume",
+                                      "--resume-changes"], capsys)
+    assert code == 0, err
+    assert "resuming with changed settings: epochs 1 -> 2" in out and "lr 0.1 -> 0.05" in out
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+    assert metrics["config"]["epochs"] == 2 and metrics["config"]["lr"] == 0.05
+    (change,) = metrics["config"]["changed_on_resume"]
+    assert change["epoch"] == 1 and change["changes"]["epochs"] == [1, 2] and change["changes"]["lr"] == [0.1, 0.05]
+    # The history stays with the run: resuming it again with its new settings keeps it.
+    assert run_main(FAST + ["--epochs", "2", "--lr", "0.05", "--out", str(tmp_path), "--resume"], capsys)[0] == 0
+    assert checkpoint.load(tmp_path / "latest.pt")["config"]["changed_on_resume"] == [change]
+    # Fewer epochs than the run has trained cannot be resumed.
+    code, _, err = run_main(FAST + ["--epochs", "1", "--lr", "0.05", "--out", str(tmp_path), "--resume",
+                                    "--resume-changes"], capsys)
+    assert code == 2 and "--epochs 1 is fewer than the 2 epochs" in err
+
+
+def interrupt_after(monkeypatch, function: str, calls: int):
+    """Make orc_fast.train.<function> raise KeyboardInterrupt (Ctrl-C) on its ``calls``-th call."""
+    import orc_fast.train as train
+
+    real, seen = getattr(train, function), []
+
+    def interrupted(*args, **kwargs):
+        seen.append(1)
+        if len(seen) == calls:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, function, interrupted)
+
+
+def test_ctrl_c_before_the_first_save_says_there_is_nothing_to_resume(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    interrupt_after(monkeypatch, "train_epoch", 1)
+    code, _, err = run_main(FAST + ["--epochs", "2", "--out", str(out)], capsys)
+    assert code == 130
+    assert "nothing to resume: run the same command again (without --resume)" in err and "continue" not in err
+    monkeypatch.undo()
+    assert run_main(FAST + ["--epochs", "1", "--out", str(out)], capsys)[0] == 0  # as it said
+
+
+def test_ctrl_c_names_the_epoch_that_resume_continues_from(tmp_path, capsys, monkeypatch):
+    # Ctrl-C while epoch 2's outputs are written: its checkpoint is on disk, its summary line
+    # never printed. The message says which epoch the checkpoint holds; resume agrees.
+    out = tmp_path / "run"
+    interrupt_after(monkeypatch, "save_outputs", 2)
+    code, stdout, err = run_main(FAST + ["--epochs", "3", "--out", str(out)], capsys)
+    assert code == 130 and "epoch   2/3" not in stdout
+    assert f"{out / 'latest.pt'} holds epoch 2: continue with the same command and --resume --out {out}" in err
+    monkeypatch.undo()
+    code, stdout, err = run_main(FAST + ["--epochs", "3", "--out", str(out), "--resume"], capsys)
+    assert code == 0, err
+    assert f"resumed from {out / 'latest.pt'} after epoch 2" in stdout and "epoch   3/3" in stdout
