@@ -1,4 +1,5 @@
-"""Training throughput of one full group step, every strategy, with and without compile.
+"""Training throughput of one full group step, every strategy, with and without compile,
+and every precision x memory format (``test_precision_step``).
 
 One step = forward of every member, the ORC losses (one group_kd call), backward, every
 member's SGD step, on a CIFAR-100-shaped batch (128 x 3 x 32 x 32, 100 classes). Groups:
@@ -75,12 +76,59 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def make_group_step(device, archs, strategy, compile):
+def make_group_step(device, archs, strategy, compile, precision="fp32", channels_last=False):
     torch.manual_seed(0)
-    models = [build_model(arch, CLASSES).to(device) for arch in archs]
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    models = [build_model(arch, CLASSES).to(device, memory_format=layout) for arch in archs]
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4) for m in models]
-    config = StepConfig(method="orc", teacher_size=len(archs) // 2, strategy=strategy, compile=compile)
+    config = StepConfig(method="orc", teacher_size=len(archs) // 2, strategy=strategy, compile=compile,
+                        precision=precision)
     return GroupStep(models, optimizers, config, device, torch.Generator(device=device).manual_seed(0))
+
+
+# The trainer's default group, every precision x memory format (fp16 only on CUDA: CPUs
+# emulate fp16 convolutions, 10x+ slower than fp32).
+PRECISION_GROUP = ["resnet8"] * 4
+PRECISION_RESULTS: dict = {}  # (device, precision, channels_last) -> (fastest s, median s)
+
+
+def precision_variants(device):
+    precisions = ["fp32", "bf16"] + (["fp16"] if device == "cuda" else [])
+    return [(p, cl) for p in precisions for cl in (False, True)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_precision_step(benchmark, device):
+    """4 x resnet8 (the trainer's default group), sequential eager, each precision x memory
+    format, timed round-robin like ``test_group_step``; ratios to fp32 NCHW of the same rounds."""
+    if device == "cpu":
+        torch.set_num_threads(CPU_THREADS)
+    batches = endless_batches(synthetic_cifar100(device), device)
+    x, y = next(batches)
+    steps = {}
+    for precision, channels_last in precision_variants(device):
+        step = make_group_step(device, PRECISION_GROUP, "sequential", False, precision, channels_last)
+        images = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        for _ in range(2):
+            step(images, y)
+        steps[(precision, channels_last)] = (step, images)
+    sync(device)
+    times = {key: [] for key in steps}
+    iterations = 1 if device == "cpu" else 10
+
+    def one_round():
+        for key, (step, images) in steps.items():
+            sync(device)
+            started = time.perf_counter()
+            for _ in range(iterations):
+                step(images, y)
+            sync(device)
+            times[key].append((time.perf_counter() - started) / iterations)
+
+    benchmark.pedantic(one_round, rounds=6 if device == "cpu" else 10, iterations=1, warmup_rounds=1)
+    for key in steps:
+        samples = times[key][1:]
+        PRECISION_RESULTS[(device, *key)] = (min(samples), statistics.median(samples))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -184,9 +232,22 @@ def test_group_step(benchmark, device, group):
     benchmark.extra_info.update({f"{s}/{f}": RESULTS[(device, group, s, f)][0] for s, f in steps})
 
 
+def precision_table() -> list[str]:
+    if not PRECISION_RESULTS:
+        return []
+    lines = ["", f"precision x memory format: {' x '.join(PRECISION_GROUP)}, sequential eager, batch {BATCH}",
+             "", "| device | precision | memory format | step ms (fastest) | step ms (median) | images/s | vs fp32 NCHW |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    for (device, precision, channels_last), (fastest, median) in PRECISION_RESULTS.items():
+        baseline = PRECISION_RESULTS[(device, "fp32", False)][0]
+        lines.append(f"| {device} | {precision} | {'channels-last' if channels_last else 'NCHW'} | {fastest * 1e3:.1f} | "
+                     f"{median * 1e3:.1f} | {BATCH / fastest:.0f} | {baseline / fastest:.2f}x |")
+    return lines
+
+
 def results_table() -> str:
     if not RESULTS:
-        return ""
+        return "\n".join(precision_table()).strip()
     lines = [
         "| device | group | strategy | compile / graphs | ran | step ms (fastest) | step ms (median) | images/s "
         "| vs sequential eager | data share |",
@@ -216,7 +277,7 @@ def results_table() -> str:
         lines.append("")
         lines.append("data batch (gather + crop/flip + normalise, 128 images): " + ", ".join(
             f"{device} {seconds * 1e3:.2f} ms" for device, seconds in DATA_SECONDS.items()))
-    return "\n".join(lines)
+    return "\n".join(lines + precision_table())
 
 
 if __name__ == "__main__":  # a quick look without pytest: one eager step per strategy on CPU

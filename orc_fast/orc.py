@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .loss import group_kd
+from .masked_sgd import masked_sgd_step
+from .precision import LossScaler, autocast
 from .strategies import make_strategy
 
 METHODS = ("orc", "independent", "kd", "dml", "kdcl")
@@ -375,6 +377,7 @@ class StepConfig:
     backend: str = "auto"
     strategy: str = "sequential"  # how members run: orc_fast/strategies.py
     compile: bool = False  # torch.compile the members' forward (and so their backward)
+    precision: str = "fp32"  # fp32, bf16 or fp16 (resolved; orc_fast/precision.py)
 
 
 class StepOutput(NamedTuple):
@@ -406,12 +409,16 @@ class GroupStep:
         # The pivot teacher (pivot mode, kd): trained when it has an optimizer, else frozen.
         self.pivot, self.pivot_optimizer = pivot, pivot_optimizer
         self.generator = generator
+        self.device = torch.device(device)
+        # fp16 only: one dynamic loss scale for the group (bf16 has fp32's range).
+        self.scaler = LossScaler(device) if config.precision == "fp16" else None
         self.scores = ScoreTracker(len(self.models), config.rank_momentum, device)
         self.no_roles = torch.zeros(len(self.models), dtype=torch.float32, device=device)
         self.strategy = make_strategy(config.strategy, self.models, self.optimizers, device, compile=config.compile)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.strategy.forward(images)
+        with autocast(self.config.precision, self.device):
+            return self.strategy.forward(images)
 
     def local_roles(self, roles: torch.Tensor) -> torch.Tensor:
         """The roles [N] of the members this process steps, in ``self.optimizers`` order: all
@@ -437,22 +444,50 @@ class GroupStep:
     def pivot_forward(self, images: torch.Tensor) -> torch.Tensor:
         """The pivot's logits [B, C]: with gradient when it trains, else without (it is in
         eval mode then, the trainer's business)."""
-        if self.pivot_optimizer is not None:
-            return self.pivot(images)
-        with torch.no_grad():
-            return self.pivot(images)
+        with autocast(self.config.precision, self.device):
+            if self.pivot_optimizer is not None:
+                return self.pivot(images)
+            with torch.no_grad():
+                return self.pivot(images)
 
     def _zero_grad(self) -> None:
         self.strategy.zero_grad()
         if self.pivot_optimizer is not None:
             self.pivot_optimizer.zero_grad(set_to_none=True)
 
-    def _backward_and_step(self, total: torch.Tensor) -> None:
-        self._zero_grad()
-        total.backward()
-        self.strategy.step()
+    def _stepped_params(self) -> list[torch.Tensor]:
+        """The parameters whose gradients this process's steps read (stacked ones under fused)."""
+        params = [p for optimizer, g, _, _ in self.strategy.graph_optimizers() for p in optimizer.param_groups[g]["params"]]
         if self.pivot_optimizer is not None:
-            self.pivot_optimizer.step()
+            params += [p for group in self.pivot_optimizer.param_groups for p in group["params"]]
+        return params
+
+    def _backward_and_step(self, loss: torch.Tensor, apply: torch.Tensor | None = None,
+                           retain_graph: bool = False) -> None:
+        """Gradients of ``loss``, then the SGD step of every member (``apply`` None) or of the
+        members where ``apply`` [N] is 1 (a masked step: ``--refresh-teachers``).
+
+        Under fp16 the loss is scaled, the gradients unscaled, and a step whose gradients are
+        not all finite applies nothing (masked, no host read; orc_fast/precision.py)."""
+        self._zero_grad()
+        if self.scaler is not None:
+            loss = self.scaler.scaled(loss)
+        loss.backward(retain_graph=retain_graph)
+        pivot_apply = None
+        if self.scaler is not None:
+            finite = 1.0 - self.scaler.unscale(self._stepped_params())
+            self.scaler.update()
+            apply = finite.expand(len(self.optimizers)) if apply is None else apply * finite
+            pivot_apply = finite
+        if apply is None:
+            self.strategy.step()
+        else:
+            self.strategy.masked_step(apply)
+        if self.pivot_optimizer is not None:
+            if pivot_apply is None:
+                self.pivot_optimizer.step()
+            else:
+                masked_sgd_step(self.pivot_optimizer, pivot_apply)
 
     def _mixed_ce(self, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``--error-mixup``'s CE [N, B] (N + 1 rows with a pivot) on the batch mixed with itself.
@@ -463,7 +498,7 @@ class GroupStep:
         cfg = self.config
         lam = float(np.random.beta(cfg.mixup_alpha, cfg.mixup_alpha))
         mixed_images, target_b = mixup(images, target, lam, self.generator)
-        with preserved_buffers(self.trained_modules()[0]):
+        with preserved_buffers(self.trained_modules()[0]), autocast(cfg.precision, self.device):
             mixed_logits = self.forward(mixed_images)
             if self.pivot is not None and self.pivot_optimizer is not None:
                 mixed_logits = torch.cat([mixed_logits, self.pivot(mixed_images)[None].to(mixed_logits.dtype)])
@@ -502,15 +537,11 @@ class GroupStep:
         # teachers' updated logits (one more forward). Each member still steps exactly
         # once: masked steps, so no role is read on the host.
         before = orc_losses(logits, target, roles, mixed_ce=mixed_ce, **hyper)
-        self._zero_grad()
-        (roles * before.per_member).sum().backward(retain_graph=True)
-        self.strategy.masked_step(self.local_roles(roles))
+        self._backward_and_step((roles * before.per_member).sum(), self.local_roles(roles), retain_graph=True)
         with torch.no_grad(), preserved_buffers(self.models):
             refreshed = self.forward(images)
         after = orc_losses(logits, target, roles, teacher_logits=refreshed, **hyper)
-        self._zero_grad()
-        ((1.0 - roles) * after.per_member).sum().backward()
-        self.strategy.masked_step(1.0 - self.local_roles(roles))
+        self._backward_and_step(((1.0 - roles) * after.per_member).sum(), 1.0 - self.local_roles(roles))
         per_member = roles * before.per_member.detach() + (1.0 - roles) * after.per_member.detach()
         return StepOutput(per_member, roles, before.error_mask)
 

@@ -47,6 +47,7 @@ from .guard import NAN_POLICIES, NonFiniteGuard, NonFiniteLoss, start_momentum
 from .models import MODELS, build_model
 from .orc import METHOD_DEFAULTS, METHODS, PIVOT_METHODS, GroupStep, StepConfig, loss_form
 from .pivot import load_pivot, pivot_path
+from .precision import PRECISIONS, autocast, default_channels_last, memory_format, resolve_precision
 from .reference import ERROR_RULES
 from .strategies import STRATEGIES
 
@@ -163,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "auto (times a few real steps of each, keeps the fastest)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the members' forward (and so their backward); the first steps compile")
+    g.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="training and evaluation precision: forwards under autocast in bf16 or fp16 (fp16 with a "
+                   "dynamic loss scale), the loss and the weights in fp32; auto: bf16 on CUDA sm_80+ and on CPUs "
+                   "with AMX/AVX512-BF16, else fp32")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="models and batches in channels-last memory format (default: where it measured faster: "
+                   "CUDA; CPU in fp32; CPU bf16 with AMX)")
     g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
                    help="capture the whole group step in a CUDA graph after 3 warm-up steps (CUDA only)")
     g.add_argument("--seed", type=int, default=0,
@@ -305,6 +313,8 @@ def resolve(args: argparse.Namespace) -> dict:
         raise UsageError(f"--cuda-graphs needs a CUDA device; this run is on {device}")
     if args.cuda_graphs and pivot["error_mixup"]:
         raise UsageError("--cuda-graphs cannot capture --error-mixup (its mixing weight is drawn on the host each step)")
+    precision, precision_reason = resolve_precision(args.precision, device)
+    channels_last = default_channels_last(device, precision) if args.channels_last is None else args.channels_last
     try:
         backend = resolve_backend(args.backend, device)
     except Exception as error:  # noqa: BLE001 - unavailable backend is a usage problem
@@ -316,6 +326,7 @@ def resolve(args: argparse.Namespace) -> dict:
         image_size=args.image_size or (16 if args.dataset == "digits" else 32),
         archs=archs, num_nets=num_nets, teacher_size=teacher_size, milestones=milestones,
         device=str(device), backend_used=backend,
+        precision=precision, precision_reason=precision_reason, channels_last=channels_last,
         out=args.out or f"runs/{args.method}_{args.dataset}_{time.strftime('%Y%m%d-%H%M%S')}",
     )
     check_out_folder(Path(config["out"]), resuming=bool(args.resume), overwrite=args.overwrite)
@@ -434,9 +445,10 @@ def learning_rate(config: dict, epoch: int, step: int, steps: int) -> float:
 
 
 @torch.inference_mode()
-def evaluate(models, dataset, batch_size: int, exchange=None, split: str = "test") -> tuple[list[float], float]:
+def evaluate(models, dataset, batch_size: int, exchange=None, split: str = "test", precision: str = "fp32",
+             channels_last: bool = False) -> tuple[list[float], float]:
     """Top-1 of every member and of the group ensemble (mean softmax) on ``split`` (test or
-    val), as fractions.
+    val), as fractions, with the run's precision and memory format.
 
     ``exchange`` (member-parallel runs) turns this rank's members' logits into the group's.
     """
@@ -444,7 +456,9 @@ def evaluate(models, dataset, batch_size: int, exchange=None, split: str = "test
         model.eval()
     correct, ensemble_correct = 0, 0
     for images, labels in test_batches(dataset, batch_size, split):
-        logits = torch.stack([model(images) for model in models]).float()
+        images = images.contiguous(memory_format=memory_format(channels_last))
+        with autocast(precision, images.device):
+            logits = torch.stack([model(images) for model in models]).float()
         if exchange is not None:
             logits = exchange(logits)
         correct = correct + (logits.argmax(-1) == labels).sum(1)
@@ -455,8 +469,9 @@ def evaluate(models, dataset, batch_size: int, exchange=None, split: str = "test
 
 def pivot_accuracy(group, dataset, batch_size: int, config: dict) -> dict:
     """The pivot's own test (and validation) top-1: a refined pivot moves during the run."""
-    test = evaluate([group.pivot], dataset, batch_size)[0][0]
-    val = evaluate([group.pivot], dataset, batch_size, split="val")[0][0] if config["val_size"] else None
+    how = {"precision": config["precision"], "channels_last": config["channels_last"]}
+    test = evaluate([group.pivot], dataset, batch_size, **how)[0][0]
+    val = evaluate([group.pivot], dataset, batch_size, split="val", **how)[0][0] if config["val_size"] else None
     return {"pivot_test_acc": test, "pivot_val_acc": val}
 
 
@@ -507,7 +522,9 @@ def save_outputs(out: Path, metrics: dict) -> None:
 # What a checkpoint's run must share with the run that resumes it: the group, the data and
 # the random streams (a resumed run continues the saved ones, so --seed cannot change) ...
 RESUME_FIXED = ("archs", "method", "dataset", "image_size", "train_subset", "val_split", "teacher_size", "num_classes",
-                "seed", "pivot_arch", "promote", "freeze_pivot")
+                "seed", "pivot_arch", "promote", "freeze_pivot", "precision")
+# What a checkpoint written before a key was recorded ran with.
+BEFORE_RECORDED = {"precision": "fp32"}
 # ... and what it may change only when --resume-changes says so: the schedule, the optimiser
 # and the loss (a changed --epochs moves the cosine schedule under the run's feet).
 RESUME_CHANGEABLE = ("epochs", "batch_size", "lr", "schedule", "milestones", "lr_decay", "momentum", "weight_decay",
@@ -521,9 +538,10 @@ def check_resumable(state: dict, config: dict, path) -> None:
     in the config)."""
     saved = state["config"]
     for key in RESUME_FIXED:
-        if saved.get(key) != config.get(key):
+        before = saved.get(key, BEFORE_RECORDED.get(key))
+        if before != config.get(key):
             raise checkpoint.CheckpointError(
-                f"checkpoint {path} does not match this run: {key} was {saved.get(key)!r}, now {config.get(key)!r}"
+                f"checkpoint {path} does not match this run: {key} was {before!r}, now {config.get(key)!r}"
             )
     # A key an older checkpoint did not record cannot be compared.
     changes = {key: [saved[key], config.get(key)] for key in RESUME_CHANGEABLE
@@ -601,7 +619,9 @@ def build_group(args: argparse.Namespace, config: dict, num_classes: int, placem
     step and its NaN guard."""
     device = torch.device(config["device"])
     data_generator = torch.Generator(device=device).manual_seed(args.seed)
+    layout = memory_format(config["channels_last"])
     models = placement.build_models(config["archs"], lambda arch: build_model(arch, num_classes), device)
+    models = [m.to(memory_format=layout) for m in models]
 
     def sgd(model):
         return start_momentum(torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
@@ -611,7 +631,7 @@ def build_group(args: argparse.Namespace, config: dict, num_classes: int, placem
     pivot, pivot_optimizer = None, None
     if config["pivot"]:
         pivot, info = load_pivot(config["pivot"], config["pivot_member"], num_classes)
-        pivot = pivot.to(device)
+        pivot = pivot.to(device, memory_format=layout)
         pivot_optimizer = None if config["freeze_pivot"] else sgd(pivot)
         config.update(pivot_member=info["member"], pivot_arch=info["arch"], pivot_source_val_acc=info["val_acc"])
     step_config = StepConfig(
@@ -619,7 +639,7 @@ def build_group(args: argparse.Namespace, config: dict, num_classes: int, placem
         alpha=config["alpha"], kd_scale=config["kd_scale"], promote=config["promote"] or 0,
         error_weight=args.error_weight, error_rule=args.error_rule, error_mixup=config["error_mixup"],
         mixup_alpha=args.mixup_alpha, refresh_teachers=args.refresh_teachers, rank_momentum=args.rank_momentum,
-        backend=args.backend, strategy=args.strategy, compile=args.compile,
+        backend=args.backend, strategy=args.strategy, compile=args.compile, precision=config["precision"],
     )
     group_step = placement.group_step(models, optimizers, step_config, device, data_generator,
                                       pivot=pivot, pivot_optimizer=pivot_optimizer)
@@ -641,6 +661,8 @@ def resume(args: argparse.Namespace, config: dict, group: Group, placement, metr
         for optimizer, saved in zip(group.optimizers, state["optimizers"], strict=True):
             optimizer.load_state_dict(saved)
         group.group_step.scores.load_state_dict(state["scores"])
+        if group.group_step.scaler is not None:
+            group.group_step.scaler.load_state_dict(state["scaler"])
         if group.pivot is not None:  # the pivot as this run left it (a refined pivot has moved on)
             group.pivot.load_state_dict(state["pivot"]["model"])
             if group.pivot_optimizer is not None:
@@ -662,7 +684,8 @@ def announce(args: argparse.Namespace, config: dict, placement) -> None:
     print(
         f"{args.method} on {args.dataset} ({config['train_size']} train / {config['val_size']} validation / "
         f"{config['test_size']} test images, "
-        f"{config['num_classes']} classes): {names} on {config['device']}, loss backend {config['backend_used']}"
+        f"{config['num_classes']} classes): {names} on {config['device']}, loss backend {config['backend_used']}, "
+        f"{config['precision']} ({config['precision_reason']}), {'channels-last' if config['channels_last'] else 'NCHW'}"
         + (f", k = {config['teacher_size']} teachers" if args.method == "orc" and not config["pivot"] else "")
     )
     if config["pivot"]:
@@ -694,7 +717,9 @@ def train_epoch(args: argparse.Namespace, config: dict, group: Group, dataset, e
     bar = ProgressBar(show_bar, steps, f"epoch {epoch + 1}/{args.epochs}")
     images_seen, started = 0, time.perf_counter()
     batches = train_batches(dataset, args.batch_size, group.data_generator, args.augment)
+    layout = memory_format(config["channels_last"])
     for step, (images, labels) in enumerate(batches):
+        images = images.contiguous(memory_format=layout)
         lr = learning_rate(config, epoch, step, steps)
         for optimizer in group.all_optimizers:
             for param_group in optimizer.param_groups:
@@ -737,6 +762,7 @@ def save_epoch(out: Path, config: dict, group: Group, placement, metrics: dict, 
         "epoch": epoch, "config": config,
         "models": [m.state_dict() for m in group.models], "optimizers": [o.state_dict() for o in group.optimizers],
         "scores": group.group_step.scores.state_dict(), "rng": checkpoint.rng_state(group.data_generator),
+        "scaler": None if group.group_step.scaler is None else group.group_step.scaler.state_dict(),
         "metrics": {"epochs": metrics["epochs"], "pivot": metrics.get("pivot")}, "best_ensemble_acc": best_accuracy,
         "last_roles": None if group.last_roles is None else group.last_roles.cpu(),
         "pivot": None if group.pivot is None else {
@@ -820,11 +846,12 @@ def run(args: argparse.Namespace) -> dict:
     for epoch in range(start_epoch, last_epoch):
         record, seconds = train_epoch(args, config, group, dataset, epoch, show_bar)
         evaluated = (epoch + 1) % args.eval_every == 0 or epoch + 1 == last_epoch
+        how = {"precision": config["precision"], "channels_last": config["channels_last"]}
         member_acc, ensemble_acc = (
-            evaluate(group.models, dataset, args.eval_batch_size, placement.exchange) if evaluated else (None, None)
+            evaluate(group.models, dataset, args.eval_batch_size, placement.exchange, **how) if evaluated else (None, None)
         )
         val_acc, val_ensemble_acc = (
-            evaluate(group.models, dataset, args.eval_batch_size, placement.exchange, split="val")
+            evaluate(group.models, dataset, args.eval_batch_size, placement.exchange, split="val", **how)
             if evaluated and config["val_size"] else (None, None)
         )
         record.update(test_acc=member_acc, ensemble_acc=ensemble_acc, val_acc=val_acc, val_ensemble_acc=val_ensemble_acc)
