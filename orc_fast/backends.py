@@ -14,6 +14,8 @@ import torch
 from .ops import EXTENSION_MISSING, group_kd_fused_op, group_kd_reference_op
 
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+# Backends whose kernels compute in fp32 and have no float64 path.
+FP32_ONLY_BACKENDS = ("triton", "cuda")
 
 
 class BackendUnavailableError(RuntimeError):
@@ -66,8 +68,17 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Turn a backend request into the concrete backend for tensors on ``device``."""
+def check_dtype(backend: str, dtype: torch.dtype | None) -> None:
+    """float64 logits on a backend that has no float64 math: a ValueError naming it."""
+    if dtype == torch.float64 and backend in FP32_ONLY_BACKENDS:
+        raise ValueError(
+            f"group-KD backend {backend!r} does not take float64 logits (its kernels compute in fp32); "
+            "use backend 'reference' (or 'cpu' for CPU tensors), or cast the logits to float32"
+        )
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """Turn a backend request into the concrete backend for ``dtype`` logits on ``device``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -78,16 +89,24 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             backend = override
         else:
             preference = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
+            preference = tuple(b for b in preference if not (dtype == torch.float64 and b in FP32_ONLY_BACKENDS))
             return next((b for b in preference if unavailable_reason(b, device) is None), "reference")
+    # Before availability: a float64 request is wrong whether or not the backend is built.
+    check_dtype(backend, dtype)
     reason = unavailable_reason(backend, device)
     if reason is not None:
         raise BackendUnavailableError(f"group-KD backend {backend!r} is unavailable: {reason}")
     return backend
 
 
-def op_for(backend: str):
-    """The registered op that implements a concrete backend."""
-    if backend == "reference":
+def op_for(backend: str, dtype: torch.dtype | None = None):
+    """The registered op that implements a concrete backend for ``dtype`` logits.
+
+    float64 on ``cpu`` is the reference op: the C++ kernel computes in fp32, and a float64
+    result must not come from fp32 arithmetic; the reference op computes in float64.
+    """
+    check_dtype(backend, dtype)
+    if backend == "reference" or dtype == torch.float64:
         return group_kd_reference_op
     if backend == "triton":
         from .kernels import group_kd_triton

@@ -61,6 +61,8 @@ from .loss import (
     _per_network,
     _teacher_weights,
     check_hyperparameters,
+    check_ignore_index,
+    check_temperature,
     group_kd,
 )
 from .reference import ERROR_RULES
@@ -155,6 +157,13 @@ def _check_topk(topk, tokens: int, vocab: int, like: torch.Tensor, validate: boo
             if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
                 raise ValueError("teacher_topk indices repeat a class within a row; they must be distinct")
     return indices, logprobs.detach().to(like.dtype)
+
+
+def _check_no_gradient(name: str, value) -> None:
+    # The chunk loop hands back only the student head's gradients; a tensor that wants
+    # one would silently get none.
+    if isinstance(value, torch.Tensor) and value.requires_grad:
+        raise ValueError(f"{name} gets no gradient from the fused head; pass {name}.detach() (group_kd gives it one)")
 
 
 def _check_chunk_size(chunk_size) -> int:
@@ -315,13 +324,21 @@ def fused_linear_group_kd(
         chunk_size: rows per chunk; peak extra memory is about (G + 2)·chunk·V values.
         reduction: mean (over counted tokens) or sum.
         backend: auto, reference, cpu, triton or cuda: the group-KD op run per chunk.
+        temperature, alpha, teacher_weights, ignore_index: as for ``group_kd`` (Python,
+            numpy or tensor values), except that alpha and teacher_weights get no
+            gradient here (a tensor that requires one is refused).
+        validate: check target, top-K index, alpha and teacher-weight values held in
+            tensors on the host; False skips those checks (no device sync).
 
     Returns a GroupKDResult: ``loss`` (scalar, differentiable), per-token ``kl`` and ``ce``
     [N], ``student_correct`` [N], ``teacher_correct`` [G, N], ``error_mask`` [N] (the
     error mask of the one student).
     """
+    temperature, ignore_index = check_temperature(temperature), check_ignore_index(ignore_index)
     check_hyperparameters(temperature, alpha, reduction, error_rule)
     _check_fused_reduction(reduction)
+    _check_no_gradient("alpha", alpha)
+    _check_no_gradient("teacher_weights", teacher_weights)
     chunk_size = _check_chunk_size(chunk_size)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -347,8 +364,8 @@ def fused_linear_group_kd(
     # zero-stride stand-in, so no [N, V] tensor is ever allocated.
     shape_like = student_hidden.new_empty(()).expand(1, tokens, vocab)
     target, all_counted = _check_target(target, shape_like, ignore_index, validate)
-    mix_weights = _teacher_weights(teacher_weights, num_teachers, student_hidden)
-    alphas = _per_network("alpha", alpha, 1, student_hidden, 0.0, 1.0)
+    mix_weights = _teacher_weights(teacher_weights, num_teachers, student_hidden, validate)
+    alphas = _per_network("alpha", alpha, 1, student_hidden, 0.0, 1.0, validate)
     members = _constant((1.0,), student_hidden.device)
     concrete = resolve_backend(backend, student_hidden.device)
 
@@ -363,7 +380,7 @@ def fused_linear_group_kd(
     loss, kl, ce, student_correct, teacher_correct, error_mask = _FusedLinearGroupKD.apply(
         student_hidden, student_head_weight, student_head_bias, hidden_t, weights_t, biases_t,
         topk_indices, topk_logprobs, target, mix_weights, alphas, members,
-        float(temperature), int(ignore_index), ERROR_RULES.index(error_rule), chunk_size, concrete, scale,
+        temperature, ignore_index, ERROR_RULES.index(error_rule), chunk_size, concrete, scale,
     )
     return GroupKDResult(loss, kl, ce, student_correct, teacher_correct, error_mask)
 
@@ -431,10 +448,10 @@ class FusedLinearGroupKDLoss(nn.Module):
         _check_fused_reduction(reduction)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self.temperature = temperature
+        self.temperature = check_temperature(temperature)
         self.alpha = alpha
         self.teacher_weights = teacher_weights
-        self.ignore_index = ignore_index
+        self.ignore_index = check_ignore_index(ignore_index)
         self.chunk_size = _check_chunk_size(chunk_size)
         self.reduction = reduction
         self.backend = backend

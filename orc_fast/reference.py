@@ -5,8 +5,9 @@ docs/design.md §3. Two functions:
 * ``group_kd_math`` computes the loss parts and masks with differentiable torch ops in
   whatever floating dtype it is given. Tests run it in float64 and differentiate it with
   autograd to get the "true" gradient.
-* ``group_kd_reference`` is the ``reference`` backend: the same math in fp32 plus the
-  closed-form student gradient, with the exact input/output contract of the fused kernels.
+* ``group_kd_reference`` is the ``reference`` backend: the same math in fp32 (float64 for
+  float64 logits) plus the closed-form student gradient, with the exact input/output
+  contract of the fused kernels.
 """
 
 from __future__ import annotations
@@ -112,21 +113,26 @@ def group_kd_reference(
 
     Same contract as the fused kernels: returns (loss, kl, ce, student_correct,
     teacher_correct, error_mask, grad) where grad [S, B, C] (student dtype) is
-    d loss[s, b] / d student[s, b, :].
+    d loss[s, b] / d student[s, b, :]. float64 logits (with float64 teacher_weights and
+    alpha) are computed in float64, and loss, kl and ce are then float64 too: the one
+    float64 path of every backend (backends.op_for).
     """
-    student32 = student.detach().float()
+    compute = torch.float64 if student.dtype == torch.float64 else torch.float32
+    logits = student.detach().to(compute)
+    teacher_logits = teachers.to(compute)
+    weights, alphas = teacher_weights.detach().to(compute), alpha.detach().to(compute)
     loss, kl, ce, student_correct, teacher_correct, error_mask = group_kd_math(
-        student32, teachers.float(), target, teacher_weights.float(), alpha.float(),
+        logits, teacher_logits, target, weights, alphas,
         error_members, temperature, ignore_index, error_rule,
     )
     valid = target != ignore_index
     safe_target = torch.where(valid, target, torch.zeros_like(target))
     # d/dz [(1-a) CE + a t^2 KL] = (1-a)(softmax(z) - onehot(y)) + a t (softmax(z/t) - p)
-    mean_prob = (teacher_weights.float()[:, None, None] * torch.softmax(teachers.float() / temperature, -1)).sum(0)
-    onehot = F.one_hot(safe_target, student.shape[-1]).to(torch.float32)
-    a = alpha.float()[:, None, None]
-    grad = (1 - a) * (torch.softmax(student32, -1) - onehot) + a * temperature * (
-        torch.softmax(student32 / temperature, -1) - mean_prob
+    mean_prob = (weights[:, None, None] * torch.softmax(teacher_logits / temperature, -1)).sum(0)
+    onehot = F.one_hot(safe_target, student.shape[-1]).to(compute)
+    a = alphas[:, None, None]
+    grad = (1 - a) * (torch.softmax(logits, -1) - onehot) + a * temperature * (
+        torch.softmax(logits / temperature, -1) - mean_prob
     )
-    grad = torch.where(valid[None, :, None], grad, torch.zeros((), device=grad.device))
+    grad = torch.where(valid[None, :, None], grad, torch.zeros((), dtype=compute, device=grad.device))
     return loss, kl, ce, student_correct, teacher_correct, error_mask, grad.to(student.dtype)
