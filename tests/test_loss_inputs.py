@@ -289,6 +289,20 @@ def _saved_tensors(grad_fn):
     raise AssertionError("no custom-op node in the graph")
 
 
+@pytest.mark.parametrize("dtype,backend_name", [(torch.float32, b) for b in FLOAT64_BACKENDS]
+                         + [(torch.float64, b) for b in FLOAT64_BACKENDS])
+def test_opcheck_with_alpha_and_weight_gradients(generator, dtype, backend_name):
+    """torch.library's checks of the ops' fake and autograd with every input differentiable."""
+    from orc_fast.backends import op_for
+    vectors = torch.float64 if dtype == torch.float64 else torch.float32
+    student = make_logits((2, 6, 11), generator, dtype=dtype).requires_grad_(True)
+    weights = torch.full((3,), 1 / 3, dtype=vectors, requires_grad=True)
+    alpha = torch.tensor([0.2, 0.9], dtype=vectors, requires_grad=True)
+    args = (student, make_logits((3, 6, 11), generator, dtype=dtype), make_target(6, 11, generator), weights, alpha,
+            torch.ones(2, dtype=vectors), 4.0, -100, 0)
+    torch.library.opcheck(op_for(backend_name, dtype), args)
+
+
 @pytest.mark.parametrize("name", ["alpha", "teacher_weights"])
 def test_fused_linear_refuses_hyperparameters_that_want_gradient(generator, name):
     hidden, weight = torch.randn(4, 3, generator=generator), torch.randn(5, 3, generator=generator)
@@ -363,3 +377,33 @@ def test_mean_sums_the_students_means(backend, generator):
     torch.testing.assert_close(mean, per_sample.sum() / counted)
     torch.testing.assert_close(mean, one_by_one)
     torch.testing.assert_close(total, per_sample.sum())
+
+
+# --- CUDA tensors (skipped without a GPU) ---------------------------------------------
+
+
+@pytest.mark.gpu
+def test_cuda_backends_take_the_same_inputs(generator):
+    from orc_fast import available_backends
+
+    student = make_logits((2, 8, 30), generator).cuda()
+    teacher = make_logits((8, 30), generator).cuda()
+    target = make_target(8, 30, generator, ignore_fraction=0.2).cuda()
+    want = None
+    for backend in available_backends("cuda"):
+        got = _run(backend, student, teacher, target, reduction="none", alpha=np.array([0.25, 0.75]))
+        _assert_identical(got, _run(backend, student, teacher[None], target, reduction="none", alpha=[0.25, 0.75]))
+        with pytest.raises(ValueError, match="positive sum"):
+            group_kd(student, teacher, target, teacher_weights=torch.zeros(1, device="cuda"), backend=backend)
+        alpha = torch.tensor([0.4, 0.9], device="cuda", requires_grad=True)
+        weights = torch.tensor([1.0, 2.0], device="cuda", requires_grad=True)
+        group_kd(student, torch.stack([teacher, teacher.flip(-1)]), target, alpha=alpha, teacher_weights=weights,
+                 backend=backend).loss.backward()
+        grads = torch.cat([alpha.grad, weights.grad]).cpu()
+        want = grads if want is None else want
+        torch.testing.assert_close(grads, want, rtol=1e-4, atol=1e-5)
+    student64, teacher64 = student.double(), teacher.double()
+    assert group_kd(student64, teacher64, target).loss.dtype == torch.float64  # auto: reference
+    for backend in ("triton", "cuda"):
+        with pytest.raises(ValueError, match=f"backend '{backend}' does not take float64"):
+            group_kd(student64, teacher64, target, backend=backend)
