@@ -221,6 +221,19 @@ def test_cpu_and_reference_agree_in_float64(generator):
     assert auto["loss"].dtype == torch.float64
 
 
+@pytest.mark.parametrize("backend64", FLOAT64_BACKENDS)
+def test_float64_backward_of_a_vocabulary_sized_gradient(generator, backend64):
+    """Large CPU gradients are scaled by a C++ helper in backward that takes the kernels'
+    dtypes only; float64 must take the plain product."""
+    from orc_fast.ops import HUGE_PAGE_NUMEL
+    classes = HUGE_PAGE_NUMEL // 64
+    student = make_logits((64, classes), generator, dtype=torch.float64)
+    teacher, target = make_logits((64, classes), generator, dtype=torch.float64), make_target(64, classes, generator)
+    got = _run(backend64, student, teacher, target)
+    want = expected(student, teacher, target)
+    torch.testing.assert_close(got["grad"], want["grad"], rtol=1e-12, atol=1e-15)
+
+
 @pytest.mark.parametrize("fp32_backend", ["triton", "cuda"])
 def test_fp32_kernels_refuse_float64_naming_the_backend(generator, fp32_backend):
     student, teachers, target = _float64_problem(generator)
