@@ -1,4 +1,4 @@
-"""What KD code passes to the drop-in loss (issue #17; docs/design.md §3 "Inputs").
+"""What KD code passes to the drop-in loss (docs/design.md §3 "Inputs").
 
 A single [B, C] teacher, numpy / 0-d tensor / Python hyperparameters, float64 logits
 (gradcheck), gradients for tensor alpha and teacher weights, refused teacher weights, and
