@@ -6,7 +6,7 @@ STAMP     := $(VENV)/.orc_fast-installed
 CUDA_HOME ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda)
 export CUDA_HOME
 PIP_DEPS  := torch==2.14.1 torchvision==0.29.1 scikit-learn pytest pytest-benchmark hypothesis \
-             ninja pyyaml matplotlib numpy ruff==0.17.6 transformers==5.24.0
+             ninja pyyaml matplotlib numpy tensorboard ruff==0.17.6 transformers==5.24.0
 SOURCES   := Makefile setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/*)
 
 .PHONY: setup lint test bench train fuzz clean

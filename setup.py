@@ -91,7 +91,7 @@ setup(
     packages=["orc_fast", "orc_fast.kernels", "orc_fast.models"],
     package_dir={"orc_fast": "orc_fast", "orc_fast.kernels": "kernels"},
     python_requires=">=3.10",
-    install_requires=["torch>=2.5", "torchvision", "numpy", "scikit-learn", "pyyaml", "matplotlib"],
+    install_requires=["torch>=2.5", "torchvision", "numpy", "scikit-learn", "pyyaml", "matplotlib", "tensorboard"],
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

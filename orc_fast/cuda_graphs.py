@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+CUDA_GRAPH_WARMUP = 3  # eager steps before the capture (torch.cuda.graphs wants warm-up on a side stream)
+
 
 class CudaGraphStep:
     """A whole group step (forwards, losses, backward, every optimizer step) as one CUDA graph.
@@ -22,7 +24,7 @@ class CudaGraphStep:
     its input after every replay.
     """
 
-    def __init__(self, group_step, warmup_steps: int = 3):
+    def __init__(self, group_step, warmup_steps: int = CUDA_GRAPH_WARMUP):
         device = torch.device(group_step.scores.average.device)
         if device.type != "cuda":
             raise ValueError("--cuda-graphs needs a CUDA device")

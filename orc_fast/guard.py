@@ -40,15 +40,16 @@ class NonFiniteGuard:
         if self.policy == "skip-step":
             self._snapshot = [t.detach().clone() for t in self.state_tensors()]
 
-    def after_step(self, losses: torch.Tensor, epoch: int, step: int) -> None:
-        """Undo (skip-step) or report (stop) a step whose losses [N] are non-finite."""
+    def after_step(self, losses: torch.Tensor, epoch: int, step: int) -> torch.Tensor | None:
+        """Undo (skip-step) or report (stop) a step whose losses [N] are non-finite. Under
+        skip-step, returns whether the step was kept (a 0-d bool on the device), so that
+        what the logs average leaves the undone steps out; under stop, None."""
         bad = ~torch.isfinite(losses.detach())
         if self.policy == "skip-step":
-            self._undo_if_bad(bad)
-            return
+            return ~self._undo_if_bad(bad)
         if self.device.type != "cuda":
             self._raise_if_bad(bad, epoch, step)
-            return
+            return None
         host = torch.empty(bad.shape, dtype=torch.bool, pin_memory=True)
         host.copy_(bad, non_blocking=True)
         event = torch.cuda.Event()
@@ -56,9 +57,10 @@ class NonFiniteGuard:
         previous, self._pending = self._pending, (epoch, step, host, event)
         if previous is not None:
             self._check(previous)
+        return None
 
     @torch.no_grad()
-    def _undo_if_bad(self, bad_losses: torch.Tensor) -> None:
+    def _undo_if_bad(self, bad_losses: torch.Tensor) -> torch.Tensor:
         state = self.state_tensors()
         if len(state) != len(self._snapshot):
             raise RuntimeError("the training state changed shape inside a step; cannot undo it")
@@ -68,6 +70,7 @@ class NonFiniteGuard:
             tensor.copy_(torch.where(undo, saved, tensor))
         self.skipped += undo
         self._snapshot = None
+        return undo
 
     def flush(self) -> None:
         """Look at the last step too (call at the end of an epoch, before saving)."""

@@ -130,15 +130,29 @@ class ScoreTracker:
 
 
 class MemberLosses(NamedTuple):
-    """``per_member`` [N] losses with gradient (their sum is what to backward) and the
-    error-image mask [B] (all False for methods without error images)."""
+    """``per_member`` [N] losses with gradient (their sum is what to backward), the
+    error-image mask [B] (all False for methods without error images), and, for the logs,
+    each member's two terms apart (detached, [N]): ``ce``, its plain batch-mean CE, and
+    ``kd``, its batch-mean tau^2 KL to the teacher it distils from this step (0 for a
+    member that does not distil). The objective weighs and adds these (plus a teacher's
+    error-image term), so neither is the objective itself."""
 
     per_member: torch.Tensor
     error_mask: torch.Tensor
+    ce: torch.Tensor
+    kd: torch.Tensor
 
     @property
     def total(self) -> torch.Tensor:
         return self.per_member.sum()
+
+
+def loss_terms(result, distils: torch.Tensor | float, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ce, kd) per member from a ``group_kd`` result with per-sample ``ce``/``kl`` [N, B]:
+    the batch means, KL scaled by tau^2 and kept only where ``distils`` ([N] 0/1, or a
+    number) is 1. Detached: these are for the logs."""
+    kd = temperature**2 * result.kl.mean(-1) * distils
+    return result.ce.mean(-1).detach(), kd.detach()
 
 
 def teacher_error_weights(roles: torch.Tensor, error_mask: torch.Tensor, error_weight: float) -> torch.Tensor:
@@ -193,13 +207,14 @@ def orc_losses(
         per_sample = result.loss * (row_weight + error_term)
     else:
         per_sample = result.loss * row_weight + mixed_ce * error_term
-    return MemberLosses(per_sample.sum(1), result.error_mask)
+    distils = (1.0 - roles) if alpha > 0 else torch.zeros_like(roles)
+    return MemberLosses(per_sample.sum(1), result.error_mask, *loss_terms(result, distils, temperature))
 
 
 def independent_losses(logits: torch.Tensor, target: torch.Tensor, backend: str = "auto", **_) -> MemberLosses:
     """Every member: mean CE (alpha 0 for all; the teachers' side is unused)."""
     result = group_kd(logits, logits.detach(), target, alpha=0.0, reduction="none", validate=False, backend=backend)
-    return MemberLosses(result.loss.mean(1), torch.zeros_like(result.error_mask))
+    return MemberLosses(result.loss.mean(1), torch.zeros_like(result.error_mask), *loss_terms(result, 0.0, 1.0))
 
 
 def dml_losses(
@@ -215,15 +230,17 @@ def dml_losses(
     members = logits.shape[0]
     teachers = logits.detach()
     others = 1.0 - torch.eye(members, dtype=torch.float32, device=logits.device)
-    per_member = []
+    per_member, terms = [], []
     for i in range(members):
         result = group_kd(
             logits[i], teachers, target, temperature=temperature, alpha=alpha, teacher_weights=others[i],
             reduction="none", validate=False, backend=backend,
         )
         per_member.append(kd_scale * result.loss.mean())
+        terms.append(loss_terms(result, float(alpha > 0), temperature))
     no_errors = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
-    return MemberLosses(torch.stack(per_member), no_errors)
+    ce, kd = (torch.stack(term) for term in zip(*terms))
+    return MemberLosses(torch.stack(per_member), no_errors, ce, kd)
 
 
 def min_logit_teacher(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -249,7 +266,8 @@ def kdcl_losses(
         logits, teacher[None], target, temperature=temperature, alpha=alpha,
         reduction="none", validate=False, backend=backend,
     )
-    return MemberLosses(kd_scale * result.loss.mean(1), torch.zeros_like(result.error_mask))
+    return MemberLosses(kd_scale * result.loss.mean(1), torch.zeros_like(result.error_mask),
+                        *loss_terms(result, float(alpha > 0), temperature))
 
 
 def kd_losses(
@@ -262,7 +280,8 @@ def kd_losses(
         logits, pivot_logits.detach()[None].to(logits.dtype), target, temperature=temperature, alpha=alpha,
         reduction="none", validate=False, backend=backend,
     )
-    return MemberLosses(kd_scale * result.loss.mean(1), torch.zeros_like(result.error_mask))
+    return MemberLosses(kd_scale * result.loss.mean(1), torch.zeros_like(result.error_mask),
+                        *loss_terms(result, float(alpha > 0), temperature))
 
 
 def pivot_orc_losses(
@@ -316,6 +335,8 @@ def pivot_orc_losses(
     else:
         per_sample = group.loss * row_weight + mixed_ce * error_term
     per_row = per_sample.sum(1)
+    # The logged KD term: a student's KL to the teacher group; a promoted one's, to the pivot.
+    ce, kd = loss_terms(group, float(alpha > 0) * students, temperature)
     if private_teaching:
         private = group_kd(
             logits, pivot_logits.detach()[None].to(logits.dtype), target, temperature=temperature, alpha=1.0,
@@ -323,7 +344,9 @@ def pivot_orc_losses(
         )
         private_row = (kd_scale * alpha * promoted) * private.loss.mean(1)
         per_row = per_row + torch.cat([private_row, torch.zeros_like(private_row[:1])])
-    return MemberLosses(per_row, group.error_mask)
+        private_kd = loss_terms(private, float(alpha > 0) * promoted, temperature)[1]
+        kd = kd + torch.cat([private_kd, torch.zeros_like(private_kd[:1])])
+    return MemberLosses(per_row, group.error_mask, ce, kd)
 
 
 # ---------------------------------------------------------------------------- mixup
@@ -384,6 +407,8 @@ class StepOutput(NamedTuple):
     losses: torch.Tensor  # [N] per-member loss, detached, on the device
     roles: torch.Tensor  # [N] 1.0 = teacher this step (zeros for the baselines)
     error_mask: torch.Tensor  # [B]
+    ce: torch.Tensor  # [N] each member's batch CE (MemberLosses.ce)
+    kd: torch.Tensor  # [N] each member's tau^2 KL term, 0 where it did not distil
 
 
 class GroupStep:
@@ -520,7 +545,7 @@ class GroupStep:
                 hyper.update(pivot_logits=self.pivot_forward(images))
             losses = baseline[cfg.method](logits, target, **hyper)
             self._backward_and_step(losses.total)
-            return StepOutput(losses.per_member.detach(), self.no_roles, losses.error_mask)
+            return StepOutput(losses.per_member.detach(), self.no_roles, losses.error_mask, losses.ce, losses.kd)
 
         hyper.update(error_weight=cfg.error_weight, error_rule=cfg.error_rule)
         if self.pivot is not None:
@@ -531,7 +556,7 @@ class GroupStep:
         if not cfg.refresh_teachers:
             losses = orc_losses(logits, target, roles, mixed_ce=mixed_ce, **hyper)
             self._backward_and_step(losses.total)
-            return StepOutput(losses.per_member.detach(), roles, losses.error_mask)
+            return StepOutput(losses.per_member.detach(), roles, losses.error_mask, losses.ce, losses.kd)
 
         # --refresh-teachers: the teachers step first, then the students distil from the
         # teachers' updated logits (one more forward). Each member still steps exactly
@@ -542,8 +567,11 @@ class GroupStep:
             refreshed = self.forward(images)
         after = orc_losses(logits, target, roles, teacher_logits=refreshed, **hyper)
         self._backward_and_step(((1.0 - roles) * after.per_member).sum(), 1.0 - self.local_roles(roles))
-        per_member = roles * before.per_member.detach() + (1.0 - roles) * after.per_member.detach()
-        return StepOutput(per_member, roles, before.error_mask)
+        def by_role(first, second):  # a teacher's value from before, a student's from after
+            return roles * first.detach() + (1.0 - roles) * second.detach()
+
+        return StepOutput(by_role(before.per_member, after.per_member), roles, before.error_mask,
+                          by_role(before.ce, after.ce), by_role(before.kd, after.kd))
 
     def _pivot_step(self, images: torch.Tensor, target: torch.Tensor, logits: torch.Tensor, hyper: dict) -> StepOutput:
         """Pivot mode (docs/design.md §2): the ``promote`` best-ranked students join the pivot
@@ -556,4 +584,4 @@ class GroupStep:
         losses = pivot_orc_losses(logits, pivot_logits, target, promoted, mixed_ce=mixed_ce,
                                   private_teaching=cfg.promote > 0, **hyper)
         self._backward_and_step(losses.total)
-        return StepOutput(losses.per_member[:-1].detach(), promoted, losses.error_mask)
+        return StepOutput(losses.per_member[:-1].detach(), promoted, losses.error_mask, losses.ce[:-1], losses.kd[:-1])

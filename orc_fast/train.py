@@ -41,10 +41,11 @@ import torch
 
 from . import checkpoint, distributed
 from .backends import BACKENDS, resolve_backend
-from .cuda_graphs import CudaGraphStep
+from .cuda_graphs import CUDA_GRAPH_WARMUP, CudaGraphStep
 from .data import DATASETS, DataError, load_dataset, steps_per_epoch, test_batches, train_batches
 from .guard import NAN_POLICIES, NonFiniteGuard, NonFiniteLoss, start_momentum
 from .models import MODELS, build_model
+from .observe import EpochLog, TensorBoardLog
 from .orc import METHOD_DEFAULTS, METHODS, PIVOT_METHODS, GroupStep, StepConfig, loss_form
 from .pivot import load_pivot, pivot_path
 from .precision import PRECISIONS, autocast, default_channels_last, memory_format, resolve_precision
@@ -123,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--nan-policy", choices=NAN_POLICIES, default="stop",
                    help="a NaN/inf member loss: stop (error naming member and step; the last checkpoint stays the "
                    "last good one) or skip-step (that group step updates no member; counted per epoch)")
+    g.add_argument("--max-skipped-steps", type=int, default=None, metavar="K",
+                   help="with --nan-policy skip-step: end the run with an error (exit 1, the last checkpoint kept) "
+                   "once more than K steps in all were skipped (default: a tenth of an epoch's steps, at least 1)")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=DATASETS, default="digits",
@@ -197,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per forward when measuring accuracy (memory only; results are the same)")
     g.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
                    help="per-epoch progress bar on stderr (auto: when stderr is a terminal)")
+    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=False,
+                   help="write TensorBoard scalars (per step: each member's loss, CE, KD term, role, and the lr; "
+                   "per epoch: accuracies, teacher shares, role changes, images/s) to <out>/tensorboard")
+    g.add_argument("--log-dir", default=None, metavar="DIR",
+                   help="write the TensorBoard scalars to DIR instead (implies --tensorboard)")
     g.add_argument("--dist-timeout", type=float, default=120.0,
                    help="under torchrun: seconds a rank waits for the others in a collective before the run stops "
                    "with an error (a dead or hung rank); must exceed the longest gap between steps")
@@ -293,6 +302,10 @@ def resolve(args: argparse.Namespace) -> dict:
         (args.train_subset >= 0, f"--train-subset must be >= 0, got {args.train_subset}"),
         (args.val_split >= -1, f"--val-split must be >= 0 (or -1 for 10%), got {args.val_split}"),
         (args.dist_timeout > 0, f"--dist-timeout must be > 0, got {args.dist_timeout}"),
+        (args.max_skipped_steps is None or args.nan_policy == "skip-step",
+         "--max-skipped-steps needs --nan-policy skip-step (under stop, the first bad step ends the run)"),
+        (args.max_skipped_steps is None or args.max_skipped_steps >= 0,
+         f"--max-skipped-steps must be >= 0, got {args.max_skipped_steps}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -329,6 +342,7 @@ def resolve(args: argparse.Namespace) -> dict:
         precision=precision, precision_reason=precision_reason, channels_last=channels_last,
         out=args.out or f"runs/{args.method}_{args.dataset}_{time.strftime('%Y%m%d-%H%M%S')}",
     )
+    config["log_dir"] = args.log_dir or (str(Path(config["out"]) / "tensorboard") if args.tensorboard else None)
     check_out_folder(Path(config["out"]), resuming=bool(args.resume), overwrite=args.overwrite)
     args.out = config["out"]  # the folder a Ctrl-C message names (main)
     return config
@@ -705,20 +719,24 @@ def announce(args: argparse.Namespace, config: dict, placement) -> None:
 
 
 def train_epoch(args: argparse.Namespace, config: dict, group: Group, dataset, epoch: int,
-                show_bar: bool) -> tuple[dict, float]:
-    """One pass over the training set: the epoch's training record (no accuracies yet) and its
-    seconds."""
+                show_bar: bool, warmup_steps: int = 0) -> tuple[dict, float, EpochLog]:
+    """One pass over the training set: the epoch's training record (no accuracies yet), its
+    seconds, and its per-step log. The first ``warmup_steps`` steps (compilation, CUDA-graph
+    capture) are left out of images/s."""
     device = torch.device(config["device"])
     group.set_train_mode()
     steps = steps_per_epoch(len(dataset.train_labels), args.batch_size)
-    loss_sum = torch.zeros(config["num_nets"], device=device)
-    teacher_steps = torch.zeros(config["num_nets"], device=device)
-    role_changes = torch.zeros((), device=device)
+    log = EpochLog(config["num_nets"], device, keep_steps=config["log_dir"] is not None)
     bar = ProgressBar(show_bar, steps, f"epoch {epoch + 1}/{args.epochs}")
-    images_seen, started = 0, time.perf_counter()
+    images_seen, timed_images, started = 0, 0, time.perf_counter()
+    run_started = started
     batches = train_batches(dataset, args.batch_size, group.data_generator, args.augment)
     layout = memory_format(config["channels_last"])
     for step, (images, labels) in enumerate(batches):
+        if step == warmup_steps and warmup_steps:
+            if device.type == "cuda":  # once per run: the warm-up's queued work belongs to it
+                torch.cuda.synchronize(device)
+            timed_images, started = 0, time.perf_counter()
         images = images.contiguous(memory_format=layout)
         lr = learning_rate(config, epoch, step, steps)
         for optimizer in group.all_optimizers:
@@ -726,30 +744,55 @@ def train_epoch(args: argparse.Namespace, config: dict, group: Group, dataset, e
                 param_group["lr"] = lr
         group.guard.before_step()
         result = group.run_step(images, labels)
-        group.guard.after_step(result.losses, epoch, step)
-        loss_sum += result.losses
-        teacher_steps += result.roles
-        # Members whose role differs from the step before (the run's first step has none).
-        previous = result.roles if group.last_roles is None else group.last_roles
-        role_changes += (result.roles != previous).sum()
+        kept = group.guard.after_step(result.losses, epoch, step)
+        log.add(result, kept, group.last_roles, lr)  # the run's first step has no role change
         group.last_roles = result.roles
         images_seen += len(labels)
+        timed_images += len(labels)
         bar.update(step + 1, images_seen)
     group.guard.flush()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    train_seconds = time.perf_counter() - started
+    finished = time.perf_counter()
+    train_seconds = finished - run_started
     bar.close()
+    # An epoch no longer than its warm-up has no steady speed: then all of it counts.
+    timed = warmup_steps < steps
     record = {
         "epoch": epoch + 1,
-        "train_loss": (loss_sum / steps).tolist(),
-        "teacher_fraction": (teacher_steps / steps).tolist(),
-        "role_changes": (role_changes / steps).item(),
-        "images_per_s": images_seen / train_seconds,
+        **log.record(),
+        "lr": log.lrs[-1],
+        "images_per_s": timed_images / (finished - started) if timed else images_seen / train_seconds,
+        "warmup_steps": min(warmup_steps, steps) if timed else 0,
         "skipped_steps": group.guard.take_skipped(),
         "strategy": group.group_step.strategy.chosen,
     }
-    return record, train_seconds
+    return record, train_seconds, log
+
+
+def warmup_steps(args: argparse.Namespace, start_epoch: int, epoch: int) -> int:
+    """Steps of this epoch that compile or capture rather than train at speed: the first
+    step under --compile, the warm-up and capture steps of --cuda-graphs; only in the first
+    epoch this process trains (a resumed run compiles again)."""
+    if epoch != start_epoch:
+        return 0
+    return max(1 if args.compile else 0, CUDA_GRAPH_WARMUP + 1 if args.cuda_graphs else 0)
+
+
+def check_skipped(args: argparse.Namespace, metrics: dict, steps: int) -> None:
+    """Under skip-step, more skipped steps than --max-skipped-steps (in all, this epoch's
+    included) end the run before this epoch is saved: such a run is not training."""
+    if args.nan_policy != "skip-step":
+        return
+    limit = max(1, steps // 10) if args.max_skipped_steps is None else args.max_skipped_steps
+    skipped = sum(e["skipped_steps"] for e in metrics["epochs"])
+    if skipped > limit:
+        last = metrics["epochs"][-1]
+        raise NonFiniteLoss(
+            f"{skipped} steps were skipped for non-finite losses ({last['skipped_steps']} in epoch {last['epoch']}), "
+            f"more than --max-skipped-steps {limit}; the run stopped without saving epoch {last['epoch']}, so the "
+            "last checkpoint is the last one saved (lower --lr)"
+        )
 
 
 def save_epoch(out: Path, config: dict, group: Group, placement, metrics: dict, epoch: int, is_best: bool,
@@ -778,6 +821,8 @@ def save_epoch(out: Path, config: dict, group: Group, placement, metrics: dict, 
 
 
 def report_epoch(args: argparse.Namespace, record: dict, seconds: float) -> None:
+    """The epoch's line: each member's CE (and, for methods that distil, its tau^2 KL term
+    apart), accuracies, ORC's teacher shares and role changes, speed."""
     member_acc, ensemble_acc = record["test_acc"], record["ensemble_acc"]
     evaluated = member_acc is not None
     accuracy = f"acc {percent(member_acc)}  ens {100 * ensemble_acc:5.2f}" if evaluated else "acc (not evaluated)"
@@ -787,10 +832,15 @@ def report_epoch(args: argparse.Namespace, record: dict, seconds: float) -> None
         accuracy += f"  val ens {100 * record['val_ensemble_acc']:5.2f}"
     if record.get("pivot_test_acc") is not None:
         accuracy += f"  pivot {100 * record['pivot_test_acc']:5.2f}"
+    terms = "ce " + " ".join(f"{v:.3f}" for v in record["train_ce"])
+    if args.method != "independent":
+        terms += "  kd " + " ".join(f"{v:.3f}" for v in record["train_kd"])
+    speed = f"  {record['images_per_s']:.0f} img/s"
+    if record["warmup_steps"]:
+        speed += f" (after {record['warmup_steps']} warm-up steps)"
     skipped = record["skipped_steps"]
     print(
-        f"epoch {record['epoch']:3d}/{args.epochs}  loss " + " ".join(f"{v:.3f}" for v in record["train_loss"])
-        + f"  {accuracy}{teacher}  {record['images_per_s']:.0f} img/s  {seconds:.1f}s"
+        f"epoch {record['epoch']:3d}/{args.epochs}  {terms}  {accuracy}{teacher}{speed}  {seconds:.1f}s"
         + (f"  ({skipped} non-finite steps skipped)" if skipped else ""),
         flush=True,
     )
@@ -843,33 +893,54 @@ def run(args: argparse.Namespace) -> dict:
     show_bar = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
     last_epoch = min(args.epochs, args.stop_after) if args.stop_after else args.epochs
 
-    for epoch in range(start_epoch, last_epoch):
-        record, seconds = train_epoch(args, config, group, dataset, epoch, show_bar)
-        evaluated = (epoch + 1) % args.eval_every == 0 or epoch + 1 == last_epoch
-        how = {"precision": config["precision"], "channels_last": config["channels_last"]}
-        member_acc, ensemble_acc = (
-            evaluate(group.models, dataset, args.eval_batch_size, placement.exchange, **how) if evaluated else (None, None)
-        )
-        val_acc, val_ensemble_acc = (
-            evaluate(group.models, dataset, args.eval_batch_size, placement.exchange, split="val", **how)
-            if evaluated and config["val_size"] else (None, None)
-        )
-        record.update(test_acc=member_acc, ensemble_acc=ensemble_acc, val_acc=val_acc, val_ensemble_acc=val_ensemble_acc)
-        if evaluated and group.pivot_optimizer is not None:
-            record.update(pivot_accuracy(group, dataset, args.eval_batch_size, config))
-        metrics["epochs"].append(record)
-        # best.pt is chosen on the validation split only; without one there is no best.pt.
-        is_best = val_ensemble_acc is not None and val_ensemble_acc > best_accuracy
-        if evaluated:
-            metrics["final"] = final_record(record)
-        if is_best:
-            best_accuracy = val_ensemble_acc
-        save_epoch(out, config, group, placement, metrics, epoch + 1, is_best, best_accuracy, dataset)
-        report_epoch(args, record, seconds)
+    steps = steps_per_epoch(len(dataset.train_labels), args.batch_size)
+    board = (TensorBoardLog(Path(config["log_dir"]), steps, start_epoch)
+             if config["log_dir"] is not None and placement.is_main else None)
+    try:
+        for epoch in range(start_epoch, last_epoch):
+            best_accuracy = train_and_save(args, config, group, dataset, placement, metrics, epoch, last_epoch,
+                                           best_accuracy, show_bar, board, warmup_steps(args, start_epoch, epoch))
+    finally:
+        if board is not None:
+            board.close()
 
     report_final(args, config, metrics, last_epoch, placement)
     placement.close()
     return metrics
+
+
+def train_and_save(args: argparse.Namespace, config: dict, group: Group, dataset, placement, metrics: dict,
+                   epoch: int, last_epoch: int, best_accuracy: float, show_bar: bool,
+                   board: TensorBoardLog | None, warmup: int) -> float:
+    """One epoch: train, evaluate (every --eval-every and the last), check the skipped steps,
+    save, log, report; returns the best validation accuracy so far."""
+    record, seconds, log = train_epoch(args, config, group, dataset, epoch, show_bar, warmup)
+    evaluated = (epoch + 1) % args.eval_every == 0 or epoch + 1 == last_epoch
+    how = {"precision": config["precision"], "channels_last": config["channels_last"]}
+    member_acc, ensemble_acc = (
+        evaluate(group.models, dataset, args.eval_batch_size, placement.exchange, **how) if evaluated else (None, None)
+    )
+    val_acc, val_ensemble_acc = (
+        evaluate(group.models, dataset, args.eval_batch_size, placement.exchange, split="val", **how)
+        if evaluated and config["val_size"] else (None, None)
+    )
+    record.update(test_acc=member_acc, ensemble_acc=ensemble_acc, val_acc=val_acc, val_ensemble_acc=val_ensemble_acc)
+    if evaluated and group.pivot_optimizer is not None:
+        record.update(pivot_accuracy(group, dataset, args.eval_batch_size, config))
+    metrics["epochs"].append(record)
+    check_skipped(args, metrics, log.steps)
+    # best.pt is chosen on the validation split only; without one there is no best.pt.
+    is_best = val_ensemble_acc is not None and val_ensemble_acc > best_accuracy
+    if evaluated:
+        metrics["final"] = final_record(record)
+    if is_best:
+        best_accuracy = val_ensemble_acc
+    save_epoch(Path(config["out"]), config, group, placement, metrics, epoch + 1, is_best, best_accuracy, dataset)
+    if board is not None:
+        board.steps(epoch, log)
+        board.epoch(record)
+    report_epoch(args, record, seconds)
+    return best_accuracy
 
 
 def _runs(archs):

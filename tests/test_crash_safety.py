@@ -6,6 +6,7 @@ epoch, once from inside in the middle of writing a checkpoint.
 """
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -97,12 +98,24 @@ def test_nan_stop_names_member_and_step_and_keeps_last_good_checkpoint(tmp_path)
 
 
 def test_nan_skip_step_updates_nothing_on_bad_steps(tmp_path):
-    train(tmp_path, "--lr", "1e12", "--nan-policy", "skip-step", "--epochs", "1")
+    train(tmp_path, "--lr", "1e12", "--nan-policy", "skip-step", "--epochs", "1", "--max-skipped-steps", "1000")
     record = metrics(tmp_path)["epochs"][-1]
     assert record["skipped_steps"] > 0
+    # What the epoch reports averages the kept steps only: finite, not the skipped steps' inf.
+    assert all(map(math.isfinite, record["train_loss"] + record["train_ce"] + record["train_kd"]))
     state = torch.load(tmp_path / "latest.pt", weights_only=True)
     for member in state["models"]:
         assert all(torch.isfinite(v).all() for v in member.values() if v.is_floating_point())
+
+
+def test_too_many_skipped_steps_end_the_run_with_exit_1_and_keep_the_last_checkpoint(tmp_path):
+    train(tmp_path, "--stop-after", "1")
+    before = (tmp_path / "latest.pt").read_bytes()
+    blown = train(tmp_path, "--resume", "--resume-changes", "--lr", "1e12", "--nan-policy", "skip-step",
+                  "--max-skipped-steps", "2", check=False)
+    assert blown.returncode == 1, blown.stderr[-2000:]
+    assert "more than --max-skipped-steps 2" in blown.stderr and "without saving epoch 2" in blown.stderr
+    assert (tmp_path / "latest.pt").read_bytes() == before
 
 
 STEPS = """
