@@ -235,12 +235,22 @@ def read_config(path: str, parser: argparse.ArgumentParser) -> dict:
         raise UsageError(f"--config {path} is not valid YAML: {' '.join(str(error).split())}") from None
     if not isinstance(values, dict):
         raise UsageError(f"--config {path} must hold a mapping of flag names to values")
+    return flag_values(values, parser, f"--config {path}")
+
+
+def flag_values(values: dict, parser: argparse.ArgumentParser, where: str, refused: dict | None = None) -> dict:
+    """A mapping of flag names (``--config`` keys, a protocol's, orc_fast/compare.py) checked
+    against the parser and converted: {dest: value}. ``refused``: {dest: why} for flags the
+    caller sets itself. A bad key or value is a UsageError that names it and ``where``."""
     actions = {a.dest: a for a in parser._actions}
+    refused = refused or {}
     defaults = {}
     for key, value in values.items():
         dest = str(key).replace("-", "_")
+        if dest in refused:
+            raise UsageError(f"{where}: key {key!r} {refused[dest]}")
         if dest not in actions or dest in ("help", "config"):
-            raise UsageError(f"--config {path}: unknown key {key!r}")
+            raise UsageError(f"{where}: unknown key {key!r}")
         action = actions[dest]
         if dest == "arch" and isinstance(value, list):
             value = ",".join(map(str, value))
@@ -255,7 +265,7 @@ def read_config(path: str, parser: argparse.ArgumentParser) -> dict:
             if action.choices is not None and value not in action.choices:
                 raise ValueError(f"expected one of {', '.join(map(str, action.choices))}")
         except (TypeError, ValueError) as error:
-            raise UsageError(f"--config {path}: bad value {value!r} for {key!r} ({error})") from None
+            raise UsageError(f"{where}: bad value {value!r} for {key!r} ({error})") from None
         defaults[dest] = value
     return defaults
 
@@ -914,6 +924,7 @@ def train_and_save(args: argparse.Namespace, config: dict, group: Group, dataset
                    board: TensorBoardLog | None, warmup: int) -> float:
     """One epoch: train, evaluate (every --eval-every and the last), check the skipped steps,
     save, log, report; returns the best validation accuracy so far."""
+    started = time.perf_counter()
     record, seconds, log = train_epoch(args, config, group, dataset, epoch, show_bar, warmup)
     evaluated = (epoch + 1) % args.eval_every == 0 or epoch + 1 == last_epoch
     how = {"precision": config["precision"], "channels_last": config["channels_last"]}
@@ -927,6 +938,7 @@ def train_and_save(args: argparse.Namespace, config: dict, group: Group, dataset
     record.update(test_acc=member_acc, ensemble_acc=ensemble_acc, val_acc=val_acc, val_ensemble_acc=val_ensemble_acc)
     if evaluated and group.pivot_optimizer is not None:
         record.update(pivot_accuracy(group, dataset, args.eval_batch_size, config))
+    record["seconds"] = time.perf_counter() - started  # training and evaluation: a run's wall time adds these
     metrics["epochs"].append(record)
     check_skipped(args, metrics, log.steps)
     # best.pt is chosen on the validation split only; without one there is no best.pt.

@@ -40,6 +40,7 @@ def comparable(result):
     result["config"].pop("out", None)
     for epoch in result["epochs"]:
         epoch.pop("images_per_s", None)
+        epoch.pop("seconds", None)
     return result
 
 
