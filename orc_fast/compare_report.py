@@ -51,7 +51,8 @@ def run_row(run, metrics: dict, folder: Path) -> dict:
         "ensemble": 100 * final["ensemble_acc"],
         "val_ensemble": None if final.get("val_ensemble_acc") is None else 100 * final["val_ensemble_acc"],
         "role_changes": sum(e["role_changes"] for e in epochs) / len(epochs) if orc else None,
-        "minutes": sum(e.get("seconds", 0.0) for e in epochs) / 60,
+        # None for a run trained before epochs recorded their seconds
+        "minutes": sum(e["seconds"] for e in epochs) / 60 if all("seconds" in e for e in epochs) else None,
         "images_per_s": sum(e["images_per_s"] for e in epochs) / len(epochs),
         "members": [100 * a for a in test], "best_member_index": best,
         "curve": [[e["epoch"], 100 * sum(e["test_acc"]) / len(e["test_acc"])] for e in epochs if e["test_acc"]],
