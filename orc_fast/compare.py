@@ -160,7 +160,7 @@ def command(run: Run, out: Path) -> list[str]:
 
     config = out / "configs" / f"{run.name}.yaml"
     config.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump({k: v for k, v in run.flags.items()}, sort_keys=True)
+    text = yaml.safe_dump(dict(run.flags), sort_keys=True)
     write_atomic(config, lambda handle: handle.write(text.encode()))
     argv = [sys.executable, "-m", "orc_fast.train", "--config", str(config), "--seed", str(run.seed),
             "--out", str(out / "runs" / run.name), "--progress", "off"]
@@ -171,6 +171,22 @@ def command(run: Run, out: Path) -> list[str]:
     elif (out / "runs" / run.name).exists():
         argv += ["--overwrite"]  # a folder with neither a finished run nor a checkpoint: nothing to keep
     return argv
+
+
+def check_unchanged(runs: list[Run], out: Path) -> None:
+    """Refuse to continue a folder whose runs were started with other flags (another or an
+    edited protocol): skipping or resuming them would mix two protocols in one table."""
+    import yaml
+
+    for run in runs:
+        saved = out / "configs" / f"{run.name}.yaml"
+        if not saved.is_file() or run_state(run, out) == "new":
+            continue
+        before = yaml.safe_load(saved.read_text()) or {}
+        changed = sorted(key for key in before.keys() | run.flags.keys() if before.get(key) != run.flags.get(key))
+        if changed:
+            raise UsageError(f"{out} holds run {run.name} started with other values of {', '.join(changed)}; "
+                             "use another --out for this protocol, or the protocol that started it")
 
 
 # ---------------------------------------------------------------------------- the lock
@@ -348,6 +364,11 @@ def main(argv=None) -> int:
         protocol = read_protocol(args.config)
         runs = plan_runs(protocol, args.config)
         lock = take_lock(out)
+        try:
+            check_unchanged(runs, out)
+        except UsageError:
+            lock.unlink(missing_ok=True)
+            raise
     except UsageError as error:
         print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2

@@ -543,6 +543,17 @@ def save_outputs(out: Path, metrics: dict) -> None:
         print(f"warning: could not draw {out / 'curves.png'}: {error}")
 
 
+def complete_outputs(out: Path, metrics: dict, placement) -> None:
+    """Rewrite metrics.json (and the plot) when the one on disk holds fewer epochs than the
+    checkpoint the run resumed from: the save order is checkpoint first, metrics second."""
+    try:
+        written = len(json.loads((out / "metrics.json").read_text())["epochs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        written = -1
+    if placement.is_main and written < len(metrics["epochs"]):
+        save_outputs(out, metrics)
+
+
 # What a checkpoint's run must share with the run that resumes it: the group, the data and
 # the random streams (a resumed run continues the saved ones, so --seed cannot change) ...
 RESUME_FIXED = ("archs", "method", "dataset", "image_size", "train_subset", "val_split", "teacher_size", "num_classes",
@@ -867,10 +878,12 @@ def final_record(record: dict) -> dict:
 
 def report_final(args: argparse.Namespace, config: dict, metrics: dict, last_epoch: int, placement) -> None:
     if metrics["final"] is None:
-        # Resumed a run that had already finished: report it without writing anything.
+        # Resumed a run that had already finished: report it, and write its metrics.json only
+        # if a crash between the last checkpoint and that file left it short of epochs.
         evaluated_epochs = [e for e in metrics["epochs"] if e["test_acc"] is not None]
         if evaluated_epochs:
             metrics["final"] = final_record(evaluated_epochs[-1])
+            complete_outputs(Path(config["out"]), metrics, placement)
     if metrics["final"] is None:
         return
     stopped = last_epoch < args.epochs

@@ -115,6 +115,15 @@ def test_a_killed_comparison_resumes_its_interrupted_run(tmp_path):
     assert len(metrics(out, "dml-s0")["epochs"]) == 6
 
 
+def test_a_changed_protocol_is_refused_on_a_folder_that_holds_its_runs(finished, tmp_path, capsys):
+    folder, _, _ = finished
+    changed = write(tmp_path / "changed.yaml", {**TINY, "common": {**COMMON, "lr": 0.2}})
+    assert main(["--config", str(changed), "--out", str(folder / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "started with other values of lr" in err and len(err.strip().splitlines()) == 1
+    assert not (folder / "out" / "compare.lock").exists()
+
+
 BAD = {
     "unknown top-level key": ({**TINY, "budget": 3}, "unknown key 'budget'"),
     "unknown trainer flag": ({**TINY, "common": {**COMMON, "epoch": 3}}, "key 'common': unknown key 'epoch'"),

@@ -94,6 +94,12 @@ def test_resume_continues_exactly(tmp_path, capsys):
     mtime = (split / "latest.pt").stat().st_mtime_ns
     assert run_main(common + ["--out", str(split), "--resume"], capsys)[0] == 0
     assert (split / "latest.pt").stat().st_mtime_ns == mtime
+    # A crash after the last checkpoint but before metrics.json: resuming completes the file.
+    short = json.loads((split / "metrics.json").read_text())
+    short["epochs"], short["final"] = short["epochs"][:1], None
+    (split / "metrics.json").write_text(json.dumps(short))
+    assert run_main(common + ["--out", str(split), "--resume"], capsys)[0] == 0
+    assert comparable(json.loads((split / "metrics.json").read_text())) == comparable(a)
 
 
 def test_config_file_and_cli_override(tmp_path):
