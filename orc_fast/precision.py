@@ -106,18 +106,13 @@ class LossScaler:
 
 
 def default_channels_last(device: torch.device, precision: str) -> bool:
-    """``--channels-last``'s default, where it measured faster (benchmarks/results): on CUDA;
-    on a CPU for fp32 (1.2-1.9x on a 2-core AMD EPYC), and for bf16 only with AMX (Intel's
-    bf16 kernels prefer it; on the AMD EPYC's AVX512-BF16 bf16 was 5-15% slower with it)."""
+    """``--channels-last``'s default, where it measured faster (benchmarks/results/precision_cpu_*):
+    on CUDA, and on a CPU for fp32 and bf16 (on an AMD EPYC Zen 4 with AVX512-BF16 it is 1.4x
+    in fp32 and 1.2x in bf16; on a Zen 3 without bf16 hardware 1.17x and 1.5x). fp16 on a CPU
+    is emulated and was not measured, so it keeps the contiguous format."""
     if device.type == "cuda":
         return True
-    if device.type != "cpu":
-        return False
-    return precision == "fp32" or cpu_has_amx()
-
-
-def cpu_has_amx(cpuinfo: str | None = None) -> bool:
-    return "amx_bf16" in _cpu_flags(cpuinfo)
+    return device.type == "cpu" and precision in ("fp32", "bf16")
 
 
 def memory_format(channels_last: bool) -> torch.memory_format:

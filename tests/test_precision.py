@@ -91,7 +91,9 @@ def test_auto_precision_and_channels_last_rules():
     assert resolve_precision("bf16", torch.device("cpu")) == ("bf16", "asked for")
     name, why = resolve_precision("auto", torch.device("cpu"))
     assert name == ("bf16" if cpu_has_fast_bf16() else "fp32") and why.startswith("auto")
-    assert default_channels_last(torch.device("cpu"), "fp32") and default_channels_last(torch.device("cuda"), "bf16")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert default_channels_last(cpu, "fp32") and default_channels_last(cpu, "bf16")
+    assert default_channels_last(cuda, "bf16") and not default_channels_last(cpu, "fp16")
     with pytest.raises(ValueError, match="unknown precision"):
         resolve_precision("int8", torch.device("cpu"))
 
