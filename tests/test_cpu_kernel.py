@@ -77,6 +77,25 @@ def test_vocabulary_sized_rows_match_float64(generator, classes, num_teachers):
         assert torch.isfinite(got[name]).all(), f"{name} has non-finite values on finite input"
 
 
+@pytest.mark.parametrize("classes", [131072, 131071])
+def test_one_dominant_logit_keeps_the_denominator_exact(generator, classes):
+    """A row whose largest logit holds ~60 % of the softmax (a confident prediction over a
+    vocabulary): each vector lane of the denominator takes C / lanes adds next to exp(0) = 1,
+    and a plain running sum came out ~2e-5 low, putting that logit's gradient outside the
+    tolerance. The kernel sums with a compensation term (csrc/cpu/group_kd_cpu_kernel.h)."""
+    student = make_logits((2, 3, classes), generator)
+    teachers = make_logits((2, 3, classes), generator)
+    others = torch.logsumexp(student.double(), dim=-1)  # log of the rest of the row's mass
+    dominant = torch.randint(0, classes, (3,), generator=generator)
+    for row in range(3):
+        student[:, row, dominant[row]] = (others[:, row] + 0.4).float()
+        teachers[:, row, dominant[row]] = (others[:, row] + 0.4).float()
+    target = make_target(3, classes, generator)
+    for temperature, alpha in ((4.0, torch.tensor([0.0, 0.3])), (1.0, torch.tensor([0.9, 0.5]))):
+        compare(fused(student, teachers, target, temperature, alpha=alpha),
+                truth(student, teachers, target, temperature, alpha=alpha))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("classes", [1000, 32001])
 def test_16bit_logits_at_scale(generator, dtype, classes):

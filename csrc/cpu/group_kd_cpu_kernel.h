@@ -98,6 +98,23 @@ inline float sum_lanes(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
 }
 
+// Compensated (Kahan) sum per lane, for the softmax denominators. A plain running sum
+// rounds every add at the lane total's ulp: when one logit dominates its row (p = 0.6 at
+// 131072 classes), the lane holding exp(0) = 1 takes ~8192 adds of ~5e-6 and the
+// denominator ends up ~2e-5 low, beyond the 1e-5 tolerance (docs/design.md §7). The
+// carry keeps each lane within a few ulp for 3 more adds per vector. Only for sums of
+// terms in [0, 1] (exponentials of non-positive numbers): no overflow, so no inf - inf.
+struct KahanSum {
+  Vec sum{0.f}, carry{0.f};
+  void add(const Vec& x) {
+    const Vec y = x - carry;
+    const Vec t = sum + y;
+    carry = (t - sum) - y;
+    sum = t;
+  }
+  float total() const { return sum_lanes(sum) - sum_lanes(carry); }
+};
+
 // Row maximum; NaN if any element is NaN.
 inline float row_max(const float* x, int64_t n) {
   const Vec neg_inf(-std::numeric_limits<float>::infinity());
@@ -173,7 +190,7 @@ template <int Fold>
 inline float teacher_exps(const float* x, int64_t n, float max_value, float inv_tau, float* exps,
                           float* mean_prob, float fold_scale, const char* next_row, int64_t elem_size) {
   const Vec shift(max_value), scale(inv_tau), zero(0.f), v_fold(fold_scale);
-  Vec sum(0.f);
+  KahanSum sum;
   for_each_vector(n, [&](auto full, int64_t i, int64_t count) {
     constexpr bool Full = decltype(full)::value;
     prefetch(next_row + i * elem_size);
@@ -185,9 +202,9 @@ inline float teacher_exps(const float* x, int64_t n, float max_value, float inv_
     }
     const Vec e = exp_nonpositive((load<Full>(x + i, count) - shift) * scale);
     store<Full>(exps + i, e, count);
-    sum = sum + keep<Full>(zero, e, count);
+    sum.add(keep<Full>(zero, e, count));
   });
-  return sum_lanes(sum);
+  return sum.total();
 }
 
 // v^K for a small positive integer K; K = 0 means "not an integer temperature".
@@ -210,7 +227,7 @@ template <int K>
 inline void student_exps(const float* x, int64_t n, float max_value, float inv_tau, float* tempered, float* plain,
                          float& tempered_sum, float& plain_sum, const char* next_row, int64_t elem_size) {
   const Vec shift(max_value), scale(inv_tau), zero(0.f);
-  Vec sum_t(0.f), sum_p(0.f);
+  KahanSum sum_t, sum_p;
   for_each_vector(n, [&](auto full, int64_t i, int64_t count) {
     constexpr bool Full = decltype(full)::value;
     prefetch(next_row + i * elem_size);
@@ -224,11 +241,11 @@ inline void student_exps(const float* x, int64_t n, float max_value, float inv_t
     }
     store<Full>(tempered + i, et, count);
     store<Full>(plain + i, ep, count);
-    sum_t = sum_t + keep<Full>(zero, et, count);
-    sum_p = sum_p + keep<Full>(zero, ep, count);
+    sum_t.add(keep<Full>(zero, et, count));
+    sum_p.add(keep<Full>(zero, ep, count));
   });
-  tempered_sum = sum_lanes(sum_t);
-  plain_sum = sum_lanes(sum_p);
+  tempered_sum = sum_t.total();
+  plain_sum = sum_p.total();
 }
 
 using StudentExps = void (*)(const float*, int64_t, float, float, float*, float*, float&, float&, const char*,
