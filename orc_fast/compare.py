@@ -321,10 +321,23 @@ class Runner:
                 process.kill()
 
 
+def stop_on_signals() -> None:
+    """Ctrl-C and ``kill PID`` both stop the comparison as Ctrl-C does (its trainers get
+    SIGINT and keep their checkpoints). A job started in the background by a script
+    (``nohup ... &``) inherits SIGINT ignored, so Python installs no handler of its own and
+    SIGINT would do nothing: restore it, and take SIGTERM the same way."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def die_with_parent() -> None:
     """In a trainer child, before exec (Linux): SIGTERM when the comparison dies, even by
     SIGKILL, so no orphaned trainer writes into a folder that a rerun resumes. A trainer
     killed so keeps its last checkpoint (checkpoints are written atomically)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # so the trainer's own Ctrl-C handling is live (stop_on_signals)
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -373,6 +386,7 @@ def main(argv=None) -> int:
         print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     runner = Runner(runs, out, args.jobs)
+    stop_on_signals()
     try:
         complete = True if args.report_only else runner.run_all()
     except KeyboardInterrupt:

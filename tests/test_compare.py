@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -113,6 +114,35 @@ def test_a_killed_comparison_resumes_its_interrupted_run(tmp_path):
     assert "dml-s0: resuming" in again.stdout
     assert "resumed from" in (out / "logs" / "dml-s0.log").read_text()
     assert len(metrics(out, "dml-s0")["epochs"]) == 6
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_stops_a_background_comparison_and_its_trainer_cleanly(tmp_path, signum):
+    """Started the way a script backgrounds a job (SIGINT ignored), SIGINT and ``kill``
+    (SIGTERM) stop the comparison like Ctrl-C: its trainer is interrupted, the lock is
+    gone, exit 130."""
+    protocol = {"common": dict(COMMON, epochs=50, train_subset=600), "methods": [{"name": "dml", "method": "dml"}],
+                "seeds": [0]}
+    path = write(tmp_path / "long.yaml", protocol)
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-m", "orc_fast.compare", "--config", str(path), "--out", str(out)],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    checkpoint = out / "runs" / "dml-s0" / "latest.pt"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert checkpoint.exists(), "the run wrote no checkpoint"
+    process.send_signal(signum)
+    try:
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    assert "interrupted; run the same command again" in stderr
+    assert not (out / "compare.lock").exists()
+    assert subprocess.run(["pgrep", "-f", str(out)], capture_output=True).returncode != 0, "its trainer still runs"
+    assert "interrupted" in (out / "logs" / "dml-s0.log").read_text()
 
 
 def test_a_changed_protocol_is_refused_on_a_folder_that_holds_its_runs(finished, tmp_path, capsys):
