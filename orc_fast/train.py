@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--freeze-pivot", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the pivot fixed (eval mode, no updates); default: orc refines it on the students' "
                    "error images, kd always keeps it fixed")
+    g.add_argument("--pivot-lr-scale", type=float, default=None, metavar="S",
+                   help="orc with a refined pivot: its learning rate is S times the group's, on the same "
+                   "schedule (the pivot starts trained; default 1)")
     g.add_argument("--arch", default="resnet8", help=f"one arch for a homogeneous group or a comma list for a mixed "
                    f"one; known: {', '.join(MODELS)}")
     g.add_argument("--num-nets", type=int, default=None, help="group size N (default: 4, or the length of an --arch list)")
@@ -363,13 +366,14 @@ def pivot_settings(args: argparse.Namespace, num_nets: int) -> dict:
     freeze_pivot, error_mixup}. The checkpoint itself is read later (orc_fast/pivot.py), when
     the data's class count is known."""
     peer_only = [f for f, v in (("--pivot-member", args.pivot_member), ("--promote", args.promote),
-                                ("--freeze-pivot", args.freeze_pivot)) if v is not None]
+                                ("--freeze-pivot", args.freeze_pivot), ("--pivot-lr-scale", args.pivot_lr_scale))
+                 if v is not None]
     if args.pivot is None:
         if args.method == "kd":
             raise UsageError("--method kd distils from a pre-trained pivot: give --pivot CHECKPOINT")
         if peer_only:
             raise UsageError(f"{', '.join(peer_only)} needs --pivot CHECKPOINT")
-        return {"pivot": None, "pivot_member": None, "promote": None, "freeze_pivot": None,
+        return {"pivot": None, "pivot_member": None, "promote": None, "freeze_pivot": None, "pivot_lr_scale": None,
                 "error_mixup": bool(args.error_mixup)}
     if args.method not in PIVOT_METHODS:
         raise UsageError(f"--pivot works with --method {' or '.join(PIVOT_METHODS)}, not {args.method}")
@@ -388,15 +392,22 @@ def pivot_settings(args: argparse.Namespace, num_nets: int) -> dict:
     if args.method == "kd":
         if args.promote is not None:
             raise UsageError("--promote is for --method orc; kd distils every member from the pivot alone")
-        if args.freeze_pivot is False:
-            raise UsageError("--method kd keeps the pivot fixed (Hinton KD): drop --no-freeze-pivot")
+        if args.freeze_pivot is False or args.pivot_lr_scale is not None:
+            flag = "--no-freeze-pivot" if args.freeze_pivot is False else "--pivot-lr-scale"
+            raise UsageError(f"--method kd keeps the pivot fixed (Hinton KD): drop {flag}")
         return {"pivot": path, "pivot_member": args.pivot_member, "promote": None, "freeze_pivot": True,
-                "error_mixup": False}
+                "pivot_lr_scale": None, "error_mixup": False}
     promote = 1 if args.promote is None else args.promote
     if not 0 <= promote <= num_nets - 1:
         raise UsageError(f"--promote must lie in [0, N-1] = [0, {num_nets - 1}], got {promote}")
+    if args.pivot_lr_scale is not None and args.freeze_pivot:
+        raise UsageError("--pivot-lr-scale sets a refined pivot's learning rate: drop it or --freeze-pivot")
+    if args.pivot_lr_scale is not None and not args.pivot_lr_scale > 0:
+        raise UsageError(f"--pivot-lr-scale must be > 0, got {args.pivot_lr_scale:g} (--freeze-pivot keeps it fixed)")
     return {"pivot": path, "pivot_member": args.pivot_member, "promote": promote,
-            "freeze_pivot": bool(args.freeze_pivot), "error_mixup": args.error_mixup is not False}
+            "freeze_pivot": bool(args.freeze_pivot),
+            "pivot_lr_scale": None if args.freeze_pivot else (args.pivot_lr_scale or 1.0),
+            "error_mixup": args.error_mixup is not False}
 
 
 # Flags that only some methods read: another method would silently ignore them.
@@ -564,7 +575,7 @@ BEFORE_RECORDED = {"precision": "fp32"}
 # and the loss (a changed --epochs moves the cosine schedule under the run's feet).
 RESUME_CHANGEABLE = ("epochs", "batch_size", "lr", "schedule", "milestones", "lr_decay", "momentum", "weight_decay",
                      "augment", "temperature", "alpha", "kd_scale", "error_rule", "error_weight", "error_mixup",
-                     "mixup_alpha", "refresh_teachers", "rank_momentum")
+                     "mixup_alpha", "refresh_teachers", "rank_momentum", "pivot_lr_scale")
 
 
 def check_resumable(state: dict, config: dict, path) -> None:
@@ -610,11 +621,19 @@ class Group:
     last_roles: torch.Tensor | None = None  # the previous step's roles, for counting role changes
     pivot: torch.nn.Module | None = None  # pivot mode and kd: the pre-trained teacher
     pivot_optimizer: torch.optim.Optimizer | None = None  # None: the pivot is frozen
+    pivot_lr_scale: float = 1.0  # a training pivot's lr over the group's (--pivot-lr-scale)
 
     @property
     def all_optimizers(self) -> list:
         """Every optimizer the learning-rate schedule drives: the members', and a training pivot's."""
         return self.optimizers + ([self.pivot_optimizer] if self.pivot_optimizer is not None else [])
+
+    def set_lr(self, lr: float) -> None:
+        """The schedule's lr for this step: the members', and a training pivot's scaled."""
+        for optimizer in self.all_optimizers:
+            scale = self.pivot_lr_scale if optimizer is self.pivot_optimizer else 1.0
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = lr * scale
 
     def set_train_mode(self) -> None:
         """Members train; a pivot trains only when it has an optimizer (a frozen one stays in
@@ -681,7 +700,7 @@ def build_group(args: argparse.Namespace, config: dict, num_classes: int, placem
     run_step = CudaGraphStep(group_step) if args.cuda_graphs else group_step
     guard = NonFiniteGuard(args.nan_policy, device, group_step.state_tensors)
     return Group(models, optimizers, group_step, run_step, guard, data_generator, pivot=pivot,
-                 pivot_optimizer=pivot_optimizer)
+                 pivot_optimizer=pivot_optimizer, pivot_lr_scale=config["pivot_lr_scale"] or 1.0)
 
 
 def resume(args: argparse.Namespace, config: dict, group: Group, placement, metrics: dict) -> tuple[int, float]:
@@ -726,8 +745,10 @@ def announce(args: argparse.Namespace, config: dict, placement) -> None:
     if config["pivot"]:
         source = config["pivot_source_val_acc"]
         known = f", {100 * source:.2f}% on its run's validation split" if source is not None else ""
+        scale = config["pivot_lr_scale"]
+        refined = "refined on the error images" + (f" at {scale:g} x the group's lr" if scale not in (None, 1.0) else "")
         role = ("frozen (kd)" if args.method == "kd" else
-                f"{'frozen' if config['freeze_pivot'] else 'refined on the error images'}; every step the "
+                f"{'frozen' if config['freeze_pivot'] else refined}; every step the "
                 f"{config['promote']} best-ranked student(s) join it as teachers")
         print(f"pivot teacher: {config['pivot_arch']}, member {config['pivot_member']} of {config['pivot']}{known}; "
               f"{role}" + (", error mixup" if config["error_mixup"] else ""))
@@ -760,9 +781,7 @@ def train_epoch(args: argparse.Namespace, config: dict, group: Group, dataset, e
             timed_images, started = 0, time.perf_counter()
         images = images.contiguous(memory_format=layout)
         lr = learning_rate(config, epoch, step, steps)
-        for optimizer in group.all_optimizers:
-            for param_group in optimizer.param_groups:
-                param_group["lr"] = lr
+        group.set_lr(lr)
         group.guard.before_step()
         result = group.run_step(images, labels)
         kept = group.guard.after_step(result.losses, epoch, step)

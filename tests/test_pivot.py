@@ -201,6 +201,27 @@ def test_a_frozen_pivot_is_saved_unchanged(pivot_run, tmp_path):
     assert saved["pivot"]["optimizer"] is None
 
 
+def test_pivot_lr_scale_sets_the_refined_pivots_learning_rate(pivot_run, tmp_path, capsys):
+    argv = FAST + ["--pivot", str(pivot_run / "latest.pt"), "--pivot-member", "0", "--epochs", "1",
+                   "--schedule", "cosine", "--lr", "0.2"]
+    scaled, plain = tmp_path / "scaled", tmp_path / "plain"
+    assert main(argv + ["--pivot-lr-scale", "0.1", "--out", str(scaled)]) == 0
+    assert "refined on the error images at 0.1 x the group's lr" in capsys.readouterr().out
+    assert main(argv + ["--out", str(plain)]) == 0
+    runs = [checkpoint.load(folder / "latest.pt") for folder in (scaled, plain)]
+    for run, scale in zip(runs, (0.1, 1.0)):
+        member_lr = run["optimizers"][0]["param_groups"][0]["lr"]
+        assert member_lr > 0
+        assert run["pivot"]["optimizer"]["param_groups"][0]["lr"] == pytest.approx(scale * member_lr)
+        assert run["config"]["pivot_lr_scale"] == scale
+    # The members' own lr is the schedule's either way; the smaller step moves the pivot less.
+    assert runs[0]["optimizers"][0]["param_groups"][0]["lr"] == runs[1]["optimizers"][0]["param_groups"][0]["lr"]
+    start = checkpoint.load(pivot_run / "latest.pt")["models"][0]
+    moved = [sum((run["pivot"]["model"][k].float() - start[k].float()).norm().item() for k in start
+                 if start[k].is_floating_point()) for run in runs]
+    assert 0 < moved[0] < moved[1]
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """An output folder with a finished run in it: bad input must leave it byte-identical."""
@@ -229,12 +250,17 @@ def pivot_bad_cases(pivot_run: Path, tmp_path: Path) -> dict:
         "teacher size": (pivot + ["--teacher-size", "1"], "--teacher-size is for peer mode"),
         "member out of range": (pivot + ["--pivot-member", "7"], "--pivot-member 7 is not a member"),
         "kd unfrozen": (pivot + ["--method", "kd", "--no-freeze-pivot"], "keeps the pivot fixed"),
+        "kd pivot lr": (pivot + ["--method", "kd", "--pivot-lr-scale", "0.1"], "drop --pivot-lr-scale"),
+        "frozen pivot lr": (pivot + ["--freeze-pivot", "--pivot-lr-scale", "0.1"], "drop it or --freeze-pivot"),
+        "pivot lr zero": (pivot + ["--pivot-lr-scale", "0"], "--pivot-lr-scale must be > 0, got 0"),
+        "pivot lr without pivot": (["--pivot-lr-scale", "0.5"], "--pivot-lr-scale needs --pivot"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing", "empty folder", "corrupt", "class count", "independent", "kd without pivot",
                                   "promote without pivot", "promote N", "teacher size", "member out of range",
-                                  "kd unfrozen"])
+                                  "kd unfrozen", "kd pivot lr", "frozen pivot lr", "pivot lr zero",
+                                  "pivot lr without pivot"])
 def test_bad_pivot_input_is_one_line_exit_2_and_overwrites_nothing(case, pivot_run, finished_run, tmp_path, capsys):
     argv, message = pivot_bad_cases(pivot_run, tmp_path)[case]
     out = finished_run
