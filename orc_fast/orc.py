@@ -78,20 +78,39 @@ def loss_form(ce_weight: float, kd_weight: float) -> tuple[float, float]:
 # ---------------------------------------------------------------------------- roles
 
 
-def batch_scores(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of every member on the batch (no gradient): [N, B, C] -> [N]."""
+RANK_BY = ("ce", "accuracy")  # what a member's batch score measures (docs/design.md §2)
+
+
+def batch_scores(logits: torch.Tensor, target: torch.Tensor, rank_by: str = "ce") -> torch.Tensor:
+    """Every member's score on the batch, lower is better, no gradient: [N, B, C] -> [N].
+
+    ``ce``: mean cross-entropy. ``accuracy``: the fraction of the batch it gets wrong, which
+    does not see confidence: students distil tempered teacher distributions, so at equal
+    accuracy their CE is higher and a CE ranking keeps the teachers on top.
+    """
     logits = logits.detach()
+    if rank_by == "accuracy":
+        return (logits.argmax(-1) != target).float().mean(1)
+    if rank_by != "ce":
+        raise ValueError(f"unknown rank_by {rank_by!r}; known: {', '.join(RANK_BY)}")
     members, batch, classes = logits.shape
     ce = F.cross_entropy(logits.reshape(members * batch, classes).float(), target.repeat(members), reduction="none")
     return ce.view(members, batch).mean(1)
 
 
-def assign_roles(scores: torch.Tensor, teacher_size: int) -> torch.Tensor:
+def assign_roles(scores: torch.Tensor, teacher_size: int, tie_start: torch.Tensor | None = None) -> torch.Tensor:
     """1.0 for the ``teacher_size`` best (lowest) scores, 0.0 for the rest: [N] fp32.
 
-    Ties go to the lower member index (stable sort), so roles are deterministic.
+    Ties go to the lower member index, counted from member ``tie_start`` (a device scalar,
+    wrapping around) when it is given: the accuracy score ties often, and a fixed order
+    would hand member 0 every tie. Deterministic either way.
     """
-    order = torch.argsort(scores, stable=True)
+    members = scores.numel()
+    priority = torch.arange(members, device=scores.device)
+    if tie_start is not None:
+        priority = (priority - tie_start.long()) % members
+    by_priority = torch.argsort(priority)
+    order = by_priority[torch.argsort(scores[by_priority], stable=True)]
     roles = torch.zeros(scores.shape, dtype=torch.float32, device=scores.device)
     return roles.scatter(0, order[:teacher_size], 1.0)
 
@@ -395,6 +414,7 @@ class StepConfig:
     mixup_alpha: float = 1.0
     refresh_teachers: bool = False
     rank_momentum: float = 0.0
+    rank_by: str = "ce"  # the batch score: RANK_BY
     promote: int = 1  # pivot mode: students promoted into the teacher group each step
     kd_scale: float = 1.0  # s of s [(1 - alpha) CE + alpha tau^2 KL] for members that distil
     backend: str = "auto"
@@ -424,6 +444,8 @@ class GroupStep:
                  pivot: nn.Module | None = None, pivot_optimizer: torch.optim.Optimizer | None = None):
         if config.method not in METHODS:
             raise ValueError(f"unknown method {config.method!r}; known: {', '.join(METHODS)}")
+        if config.rank_by not in RANK_BY:
+            raise ValueError(f"unknown rank_by {config.rank_by!r}; known: {', '.join(RANK_BY)}")
         if pivot is None and (config.method == "kd" or pivot_optimizer is not None):
             raise ValueError(f"method {config.method!r} needs a pivot teacher")
         if pivot is not None and (config.method not in PIVOT_METHODS or config.refresh_teachers):
@@ -532,6 +554,11 @@ class GroupStep:
             mixed = torch.cat([mixed, torch.zeros_like(mixed[:1])])
         return mixed
 
+    def _rank(self, logits: torch.Tensor, target: torch.Tensor, best: int) -> torch.Tensor:
+        """1.0 for the ``best`` members by (smoothed) batch score; ties rotate with the step."""
+        scores = self.scores.update(batch_scores(logits, target, self.config.rank_by))
+        return assign_roles(scores, best, tie_start=self.scores.steps)
+
     def __call__(self, images: torch.Tensor, target: torch.Tensor) -> StepOutput:
         return self.strategy.run(self._step, images, target)  # auto times whole steps here
 
@@ -550,7 +577,7 @@ class GroupStep:
         hyper.update(error_weight=cfg.error_weight, error_rule=cfg.error_rule)
         if self.pivot is not None:
             return self._pivot_step(images, target, logits, hyper)
-        roles = assign_roles(self.scores.update(batch_scores(logits, target)), cfg.teacher_size)
+        roles = self._rank(logits, target, cfg.teacher_size)
         mixed_ce = self._mixed_ce(images, target) if cfg.error_mixup else None
 
         if not cfg.refresh_teachers:
@@ -579,7 +606,7 @@ class GroupStep:
         step once."""
         cfg = self.config
         pivot_logits = self.pivot_forward(images)
-        promoted = assign_roles(self.scores.update(batch_scores(logits, target)), cfg.promote)
+        promoted = self._rank(logits, target, cfg.promote)
         mixed_ce = self._mixed_ce(images, target) if cfg.error_mixup else None
         losses = pivot_orc_losses(logits, pivot_logits, target, promoted, mixed_ce=mixed_ce,
                                   private_teaching=cfg.promote > 0, **hyper)

@@ -46,7 +46,7 @@ from .data import DATASETS, DataError, load_dataset, steps_per_epoch, test_batch
 from .guard import NAN_POLICIES, NonFiniteGuard, NonFiniteLoss, start_momentum
 from .models import MODELS, build_model
 from .observe import EpochLog, TensorBoardLog
-from .orc import METHOD_DEFAULTS, METHODS, PIVOT_METHODS, GroupStep, StepConfig, loss_form
+from .orc import METHOD_DEFAULTS, METHODS, PIVOT_METHODS, RANK_BY, GroupStep, StepConfig, loss_form
 from .pivot import load_pivot, pivot_path
 from .precision import PRECISIONS, autocast, default_channels_last, memory_format, resolve_precision
 from .reference import ERROR_RULES
@@ -122,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--refresh-teachers", action=argparse.BooleanOptionalAction, default=False,
                    help="teachers step first and students distil from their updated logits (one more forward)")
     g.add_argument("--rank-momentum", type=float, default=0.0,
-                   help="rank members by an EMA of their batch CE with this momentum (0: this batch only)")
+                   help="rank members by an EMA of their batch score with this momentum (0: this batch only)")
+    g.add_argument("--rank-by", choices=RANK_BY, default="ce",
+                   help="a member's batch score: its mean cross-entropy, or its top-1 error (blind to confidence)")
     g.add_argument("--backend", choices=BACKENDS, default="auto", help="group-KD loss backend")
     g.add_argument("--nan-policy", choices=NAN_POLICIES, default="stop",
                    help="a NaN/inf member loss: stop (error naming member and step; the last checkpoint stays the "
@@ -411,7 +413,8 @@ def pivot_settings(args: argparse.Namespace, num_nets: int) -> dict:
 
 
 # Flags that only some methods read: another method would silently ignore them.
-ORC_ONLY = ("teacher_size", "error_rule", "error_weight", "error_mixup", "mixup_alpha", "refresh_teachers", "rank_momentum")
+ORC_ONLY = ("teacher_size", "error_rule", "error_weight", "error_mixup", "mixup_alpha", "refresh_teachers", "rank_momentum",
+            "rank_by")
 DISTILLATION_ONLY = ("temperature", "alpha", "ce_weight", "kd_weight")
 
 
@@ -575,7 +578,7 @@ BEFORE_RECORDED = {"precision": "fp32"}
 # and the loss (a changed --epochs moves the cosine schedule under the run's feet).
 RESUME_CHANGEABLE = ("epochs", "batch_size", "lr", "schedule", "milestones", "lr_decay", "momentum", "weight_decay",
                      "augment", "temperature", "alpha", "kd_scale", "error_rule", "error_weight", "error_mixup",
-                     "mixup_alpha", "refresh_teachers", "rank_momentum", "pivot_lr_scale")
+                     "mixup_alpha", "refresh_teachers", "rank_momentum", "rank_by", "pivot_lr_scale")
 
 
 def check_resumable(state: dict, config: dict, path) -> None:
@@ -693,7 +696,7 @@ def build_group(args: argparse.Namespace, config: dict, num_classes: int, placem
         alpha=config["alpha"], kd_scale=config["kd_scale"], promote=config["promote"] or 0,
         error_weight=args.error_weight, error_rule=args.error_rule, error_mixup=config["error_mixup"],
         mixup_alpha=args.mixup_alpha, refresh_teachers=args.refresh_teachers, rank_momentum=args.rank_momentum,
-        backend=args.backend, strategy=args.strategy, compile=args.compile, precision=config["precision"],
+        rank_by=args.rank_by, backend=args.backend, strategy=args.strategy, compile=args.compile, precision=config["precision"],
     )
     group_step = placement.group_step(models, optimizers, step_config, device, data_generator,
                                       pivot=pivot, pivot_optimizer=pivot_optimizer)

@@ -56,6 +56,18 @@ def test_roles_break_ties_by_member_index():
     assert assign_roles(torch.tensor([0.3, 0.2, 0.2, 0.1]), 2).tolist() == [0, 1, 0, 1]
 
 
+def test_ties_rotate_from_tie_start_and_never_outrank_a_better_score():
+    tied = torch.tensor([0.2, 0.2, 0.2, 0.2])
+    assert assign_roles(tied, 2, tie_start=torch.tensor(0.0)).tolist() == [1, 1, 0, 0]
+    assert assign_roles(tied, 2, tie_start=torch.tensor(1.0)).tolist() == [0, 1, 1, 0]
+    assert assign_roles(tied, 2, tie_start=torch.tensor(3.0)).tolist() == [1, 0, 0, 1]
+    assert assign_roles(tied, 2, tie_start=torch.tensor(6.0)).tolist() == [0, 0, 1, 1]  # wraps around
+    # Member 0's better score wins whatever the rotation; the tie for the second place rotates.
+    scores = torch.tensor([0.1, 0.2, 0.2, 0.2])
+    assert assign_roles(scores, 2, tie_start=torch.tensor(2.0)).tolist() == [1, 0, 1, 0]
+    assert assign_roles(scores, 2, tie_start=torch.tensor(0.0)).tolist() == [1, 1, 0, 0]
+
+
 def test_promotion_and_demotion_follow_the_current_batch():
     tracker = ScoreTracker(4, momentum=0.0, device="cpu")
     first = assign_roles(tracker.update(torch.tensor([0.1, 0.2, 0.8, 0.9])), 2)
@@ -95,6 +107,33 @@ def test_batch_scores_are_mean_cross_entropy_without_grad():
     assert not scores.requires_grad
     expected = torch.stack([F.cross_entropy(logits[i], target) for i in range(3)]).detach()
     torch.testing.assert_close(scores, expected)
+
+
+def test_accuracy_scores_are_the_fraction_wrong_without_grad():
+    logits = torch.zeros(2, 4, 3)
+    logits[0, :, 0] = 1.0  # member 0 always says class 0
+    logits[1, torch.arange(4), torch.tensor([1, 1, 2, 0])] = 5.0
+    target = torch.tensor([0, 1, 2, 2])
+    scores = batch_scores(logits.requires_grad_(), target, "accuracy")
+    assert not scores.requires_grad
+    assert scores.tolist() == [0.75, 0.5]
+    with pytest.raises(ValueError, match="rank_by"):
+        batch_scores(logits, target, "loss")
+
+
+def test_rank_by_accuracy_ignores_confidence_where_ce_does_not():
+    """A confident member and a soft one with the same predictions: CE ranks the confident
+    one first every time; the accuracy score ties them and the tie rotates with the step."""
+    target = torch.tensor([0, 1, 2, 0])
+    confident = F.one_hot(target, 3).float() * 6.0  # every member right on every image
+    logits = torch.stack([confident * 0.2, confident, confident * 0.2, confident])  # soft, sharp, soft, sharp
+    ce = batch_scores(logits, target, "ce")
+    assert assign_roles(ce, 2).tolist() == [0, 1, 0, 1]
+    tracker = ScoreTracker(4, 0.0, "cpu")
+    teachers = torch.zeros(4)
+    for _ in range(4):
+        teachers += assign_roles(tracker.update(batch_scores(logits, target, "accuracy")), 2, tie_start=tracker.steps)
+    assert teachers.tolist() == [2, 2, 2, 2]
 
 
 # ---------------------------------------------------------------------------- error images
@@ -335,6 +374,7 @@ OPTIONS = [
     {"method": "orc", "error_mixup": True},
     {"method": "orc", "refresh_teachers": True},
     {"method": "orc", "refresh_teachers": True, "error_mixup": True, "rank_momentum": 0.9, "error_rule": "ensemble"},
+    {"method": "orc", "rank_by": "accuracy"},
     {"method": "independent"},
     {"method": "dml"},
     {"method": "kdcl"},
@@ -451,3 +491,5 @@ def test_unknown_method_is_rejected():
     with pytest.raises(ValueError, match="unknown method"):
         GroupStep(models, optimizers, StepConfig(method="nope"), "cpu", None)
     assert set(METHODS) == {"orc", "independent", "kd", "dml", "kdcl"}
+    with pytest.raises(ValueError, match="unknown rank_by"):
+        GroupStep(models, optimizers, StepConfig(rank_by="loss"), "cpu", None)

@@ -133,7 +133,7 @@ def test_help_documents_every_flag(capsys):
     for flag in ("--epochs", "--batch-size", "--lr", "--momentum", "--weight-decay", "--schedule", "--temperature",
                  "--alpha", "--num-nets", "--teacher-size", "--device", "--seed", "--out", "--resume", "--config",
                  "--method", "--arch", "--dataset", "--data-dir", "--download", "--train-subset", "--error-rule",
-                 "--error-weight", "--error-mixup", "--refresh-teachers", "--rank-momentum", "--backend"):
+                 "--error-weight", "--error-mixup", "--refresh-teachers", "--rank-momentum", "--rank-by", "--backend"):
         assert flag in flags
 
 
@@ -203,6 +203,8 @@ def bad_cases(tmp_path):
         "subset below classes": (["--train-subset", "5"], "--train-subset 5 is smaller than the 10 classes"),
         "subset above data": (["--train-subset", "99999"], "--train-subset 99999 asks for more than the 1437"),
         "teacher size with dml": (["--method", "dml", "--teacher-size", "1"], "--method dml does not use --teacher-size"),
+        "rank score with kdcl": (["--method", "kdcl", "--rank-by", "accuracy"], "--method kdcl does not use --rank-by"),
+        "unknown rank score": (["--rank-by", "loss"], "argument --rank-by: invalid choice: 'loss'"),
         "temperature with independent": (["--method", "independent", "--temperature", "2"],
                                          "--method independent does not use --temperature"),
         "negative num-nets": (["--num-nets", "-3"], "--num-nets must be >= 1, got -3"),
