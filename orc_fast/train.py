@@ -123,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="teachers step first and students distil from their updated logits (one more forward)")
     g.add_argument("--rank-momentum", type=float, default=0.0,
                    help="rank members by an EMA of their batch score with this momentum (0: this batch only)")
-    g.add_argument("--rank-by", choices=RANK_BY, default="ce",
-                   help="a member's batch score: its mean cross-entropy, or its top-1 error (blind to confidence)")
+    g.add_argument("--rank-by", choices=RANK_BY, default=None,
+                   help="a member's batch score: its mean cross-entropy, or its top-1 error, blind to confidence "
+                   "(default: accuracy in peer mode, ce in pivot mode)")
     g.add_argument("--backend", choices=BACKENDS, default="auto", help="group-KD loss backend")
     g.add_argument("--nan-policy", choices=NAN_POLICIES, default="stop",
                    help="a NaN/inf member loss: stop (error naming member and step; the last checkpoint stays the "
@@ -365,7 +366,7 @@ def resolve(args: argparse.Namespace) -> dict:
 
 def pivot_settings(args: argparse.Namespace, num_nets: int) -> dict:
     """Pivot mode's flags checked against the method: {pivot, pivot_member, promote,
-    freeze_pivot, error_mixup}. The checkpoint itself is read later (orc_fast/pivot.py), when
+    freeze_pivot, pivot_lr_scale, error_mixup, rank_by}. The checkpoint itself is read later (orc_fast/pivot.py), when
     the data's class count is known."""
     peer_only = [f for f, v in (("--pivot-member", args.pivot_member), ("--promote", args.promote),
                                 ("--freeze-pivot", args.freeze_pivot), ("--pivot-lr-scale", args.pivot_lr_scale))
@@ -375,8 +376,11 @@ def pivot_settings(args: argparse.Namespace, num_nets: int) -> dict:
             raise UsageError("--method kd distils from a pre-trained pivot: give --pivot CHECKPOINT")
         if peer_only:
             raise UsageError(f"{', '.join(peer_only)} needs --pivot CHECKPOINT")
+        # Peer mode ranks by top-1 error: ranked by CE the teachers kept the lowest CE and the
+        # roles froze (docs/design.md §2, step 2).
         return {"pivot": None, "pivot_member": None, "promote": None, "freeze_pivot": None, "pivot_lr_scale": None,
-                "error_mixup": bool(args.error_mixup)}
+                "error_mixup": bool(args.error_mixup),
+                "rank_by": (args.rank_by or "accuracy") if args.method == "orc" else None}
     if args.method not in PIVOT_METHODS:
         raise UsageError(f"--pivot works with --method {' or '.join(PIVOT_METHODS)}, not {args.method}")
     if args.teacher_size is not None:
@@ -398,7 +402,7 @@ def pivot_settings(args: argparse.Namespace, num_nets: int) -> dict:
             flag = "--no-freeze-pivot" if args.freeze_pivot is False else "--pivot-lr-scale"
             raise UsageError(f"--method kd keeps the pivot fixed (Hinton KD): drop {flag}")
         return {"pivot": path, "pivot_member": args.pivot_member, "promote": None, "freeze_pivot": True,
-                "pivot_lr_scale": None, "error_mixup": False}
+                "pivot_lr_scale": None, "error_mixup": False, "rank_by": None}
     promote = 1 if args.promote is None else args.promote
     if not 0 <= promote <= num_nets - 1:
         raise UsageError(f"--promote must lie in [0, N-1] = [0, {num_nets - 1}], got {promote}")
@@ -409,7 +413,7 @@ def pivot_settings(args: argparse.Namespace, num_nets: int) -> dict:
     return {"pivot": path, "pivot_member": args.pivot_member, "promote": promote,
             "freeze_pivot": bool(args.freeze_pivot),
             "pivot_lr_scale": None if args.freeze_pivot else (args.pivot_lr_scale or 1.0),
-            "error_mixup": args.error_mixup is not False}
+            "error_mixup": args.error_mixup is not False, "rank_by": args.rank_by or "ce"}
 
 
 # Flags that only some methods read: another method would silently ignore them.
@@ -696,7 +700,8 @@ def build_group(args: argparse.Namespace, config: dict, num_classes: int, placem
         alpha=config["alpha"], kd_scale=config["kd_scale"], promote=config["promote"] or 0,
         error_weight=args.error_weight, error_rule=args.error_rule, error_mixup=config["error_mixup"],
         mixup_alpha=args.mixup_alpha, refresh_teachers=args.refresh_teachers, rank_momentum=args.rank_momentum,
-        rank_by=args.rank_by, backend=args.backend, strategy=args.strategy, compile=args.compile, precision=config["precision"],
+        rank_by=config["rank_by"] or "ce", backend=args.backend, strategy=args.strategy, compile=args.compile,
+        precision=config["precision"],
     )
     group_step = placement.group_step(models, optimizers, step_config, device, data_generator,
                                       pivot=pivot, pivot_optimizer=pivot_optimizer)
@@ -743,7 +748,8 @@ def announce(args: argparse.Namespace, config: dict, placement) -> None:
         f"{config['test_size']} test images, "
         f"{config['num_classes']} classes): {names} on {config['device']}, loss backend {config['backend_used']}, "
         f"{config['precision']} ({config['precision_reason']}), {'channels-last' if config['channels_last'] else 'NCHW'}"
-        + (f", k = {config['teacher_size']} teachers" if args.method == "orc" and not config["pivot"] else "")
+        + (f", k = {config['teacher_size']} teachers ranked by batch {config['rank_by']}"
+           if args.method == "orc" and not config["pivot"] else "")
     )
     if config["pivot"]:
         source = config["pivot_source_val_acc"]
@@ -752,7 +758,7 @@ def announce(args: argparse.Namespace, config: dict, placement) -> None:
         refined = "refined on the error images" + (f" at {scale:g} x the group's lr" if scale not in (None, 1.0) else "")
         role = ("frozen (kd)" if args.method == "kd" else
                 f"{'frozen' if config['freeze_pivot'] else refined}; every step the "
-                f"{config['promote']} best-ranked student(s) join it as teachers")
+                f"{config['promote']} best-ranked student(s) by batch {config['rank_by']} join it as teachers")
         print(f"pivot teacher: {config['pivot_arch']}, member {config['pivot_member']} of {config['pivot']}{known}; "
               f"{role}" + (", error mixup" if config["error_mixup"] else ""))
     if args.method != "independent":

@@ -214,6 +214,7 @@ def test_pivot_lr_scale_sets_the_refined_pivots_learning_rate(pivot_run, tmp_pat
         assert member_lr > 0
         assert run["pivot"]["optimizer"]["param_groups"][0]["lr"] == pytest.approx(scale * member_lr)
         assert run["config"]["pivot_lr_scale"] == scale
+        assert run["config"]["rank_by"] == "ce"  # pivot mode's default ranking score
     # The members' own lr is the schedule's either way; the smaller step moves the pivot less.
     assert runs[0]["optimizers"][0]["param_groups"][0]["lr"] == runs[1]["optimizers"][0]["param_groups"][0]["lr"]
     start = checkpoint.load(pivot_run / "latest.pt")["models"][0]

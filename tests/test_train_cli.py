@@ -137,6 +137,12 @@ def test_help_documents_every_flag(capsys):
         assert flag in flags
 
 
+def test_the_ranking_score_defaults_to_accuracy_in_peer_mode_only():
+    assert resolve(parse_args([]))["rank_by"] == "accuracy"
+    assert resolve(parse_args(["--rank-by", "ce"]))["rank_by"] == "ce"
+    assert resolve(parse_args(["--method", "dml"]))["rank_by"] is None  # nothing to rank
+
+
 def test_lr_schedules():
     from orc_fast.train import learning_rate
 
