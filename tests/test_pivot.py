@@ -204,12 +204,13 @@ def test_a_frozen_pivot_is_saved_unchanged(pivot_run, tmp_path):
 def test_pivot_lr_scale_sets_the_refined_pivots_learning_rate(pivot_run, tmp_path, capsys):
     argv = FAST + ["--pivot", str(pivot_run / "latest.pt"), "--pivot-member", "0", "--epochs", "1",
                    "--schedule", "cosine", "--lr", "0.2"]
-    scaled, plain = tmp_path / "scaled", tmp_path / "plain"
-    assert main(argv + ["--pivot-lr-scale", "0.1", "--out", str(scaled)]) == 0
+    default, larger = tmp_path / "default", tmp_path / "larger"
+    assert main(argv + ["--out", str(default)]) == 0
     assert "refined on the error images at 0.1 x the group's lr" in capsys.readouterr().out
-    assert main(argv + ["--out", str(plain)]) == 0
-    runs = [checkpoint.load(folder / "latest.pt") for folder in (scaled, plain)]
-    for run, scale in zip(runs, (0.1, 1.0)):
+    assert main(argv + ["--pivot-lr-scale", "0.5", "--out", str(larger)]) == 0
+    assert "refined on the error images at 0.5 x the group's lr" in capsys.readouterr().out
+    runs = [checkpoint.load(folder / "latest.pt") for folder in (default, larger)]
+    for run, scale in zip(runs, (0.1, 0.5)):
         member_lr = run["optimizers"][0]["param_groups"][0]["lr"]
         assert member_lr > 0
         assert run["pivot"]["optimizer"]["param_groups"][0]["lr"] == pytest.approx(scale * member_lr)
