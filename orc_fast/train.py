@@ -580,8 +580,8 @@ def complete_outputs(out: Path, metrics: dict, placement) -> None:
 # the random streams (a resumed run continues the saved ones, so --seed cannot change) ...
 RESUME_FIXED = ("archs", "method", "dataset", "image_size", "train_subset", "val_split", "teacher_size", "num_classes",
                 "seed", "pivot_arch", "promote", "freeze_pivot", "precision")
-# What a checkpoint written before a key was recorded ran with.
-BEFORE_RECORDED = {"precision": "fp32"}
+# What a checkpoint written before a key was recorded ran with (peer mode ranked by CE then).
+BEFORE_RECORDED = {"precision": "fp32", "rank_by": "ce"}
 # ... and what it may change only when --resume-changes says so: the schedule, the optimiser
 # and the loss (a changed --epochs moves the cosine schedule under the run's feet).
 RESUME_CHANGEABLE = ("epochs", "batch_size", "lr", "schedule", "milestones", "lr_decay", "momentum", "weight_decay",
@@ -600,9 +600,13 @@ def check_resumable(state: dict, config: dict, path) -> None:
             raise checkpoint.CheckpointError(
                 f"checkpoint {path} does not match this run: {key} was {before!r}, now {config.get(key)!r}"
             )
-    # A key an older checkpoint did not record cannot be compared.
-    changes = {key: [saved[key], config.get(key)] for key in RESUME_CHANGEABLE
-               if key in saved and saved[key] != config.get(key)}
+    # A key an older checkpoint did not record cannot be compared unless its old value is
+    # known; one this run does not read (None: another method or mode) is no change.
+    changes = {}
+    for key in RESUME_CHANGEABLE:
+        before, now = saved.get(key, BEFORE_RECORDED.get(key)), config.get(key)
+        if (key in saved or key in BEFORE_RECORDED) and now is not None and before != now:
+            changes[key] = [before, now]
     described = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
     if changes and not config.get("resume_changes"):
         raise checkpoint.CheckpointError(

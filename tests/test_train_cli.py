@@ -302,6 +302,25 @@ def test_resume_with_changes_continues_with_the_new_values(tmp_path, capsys):
     assert code == 2 and "--epochs 1 is fewer than the 2 epochs" in err
 
 
+def test_resume_of_a_checkpoint_from_before_the_ranking_score_was_recorded(tmp_path, capsys):
+    """Such a run ranked by CE: resuming it in peer mode (now ranked by top-1 error) is a
+    change that needs --resume-changes; with --rank-by ce, or for a method that ranks
+    nothing, it resumes as before."""
+    peer, dml = tmp_path / "peer", tmp_path / "dml"
+    assert run_main(FAST + ["--epochs", "1", "--out", str(peer)], capsys)[0] == 0
+    assert run_main(FAST + ["--epochs", "1", "--method", "dml", "--out", str(dml)], capsys)[0] == 0
+    for folder in (peer, dml):
+        state = checkpoint.load(folder / "latest.pt")
+        del state["config"]["rank_by"]
+        checkpoint.save(folder / "latest.pt", state)
+    code, _, err = run_main(FAST + ["--epochs", "2", "--out", str(peer), "--resume"], capsys)
+    assert code == 2 and "rank_by 'ce' -> 'accuracy'" in err
+    assert run_main(FAST + ["--epochs", "2", "--rank-by", "ce", "--out", str(peer), "--resume",
+                            "--resume-changes"], capsys)[0] == 0
+    assert run_main(FAST + ["--epochs", "2", "--method", "dml", "--out", str(dml), "--resume",
+                            "--resume-changes"], capsys)[0] == 0
+
+
 def interrupt_after(monkeypatch, function: str, calls: int):
     """Make orc_fast.train.<function> raise KeyboardInterrupt (Ctrl-C) on its ``calls``-th call."""
     import orc_fast.train as train
