@@ -77,6 +77,11 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+# A refined pivot starts trained: at the group's own lr (scale 1) it first lost 10 points on
+# CIFAR-10 and the students' validation accuracy was lower (docs/design.md §2, pivot mode).
+PIVOT_LR_SCALE = 0.1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--config", metavar="FILE", help="YAML file of flag values (keys as flag names); CLI flags override it")
@@ -415,10 +420,6 @@ def pivot_settings(args: argparse.Namespace, num_nets: int) -> dict:
             "pivot_lr_scale": None if args.freeze_pivot else (args.pivot_lr_scale or PIVOT_LR_SCALE),
             "error_mixup": args.error_mixup is not False, "rank_by": args.rank_by or "ce"}
 
-
-# A refined pivot starts trained: at the group's own lr (scale 1) it first lost 10 points on
-# CIFAR-10 and the students' validation accuracy was lower (docs/design.md §2, pivot mode).
-PIVOT_LR_SCALE = 0.1
 
 # Flags that only some methods read: another method would silently ignore them.
 ORC_ONLY = ("teacher_size", "error_rule", "error_weight", "error_mixup", "mixup_alpha", "refresh_teachers", "rank_momentum",
