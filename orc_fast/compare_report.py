@@ -10,6 +10,7 @@ import statistics
 from pathlib import Path
 
 from .checkpoint import write_atomic
+from .precision import cpu_flags
 
 COLUMNS = ("mean_member", "best_member", "ensemble", "val_ensemble", "role_changes", "minutes", "images_per_s")
 HEADERS = ("mean member test", "best member test", "ensemble test", "val ensemble", "role changes / step",
@@ -17,19 +18,30 @@ HEADERS = ("mean member test", "best member test", "ensemble test", "val ensembl
 
 
 def machine() -> dict:
-    """The processor (model name in /proc/cpuinfo), cores, torch and, if any, the GPU."""
+    """The processor (``processor_name``), cores, torch and, if any, the GPU."""
     import torch
 
-    processor = platform.processor() or platform.machine()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                processor = line.split(":", 1)[1].strip()
-                break
+        processor = processor_name(Path("/proc/cpuinfo").read_text())
     except OSError:
-        pass
+        processor = platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"processor": processor, "cores": os.cpu_count(), "torch": torch.__version__, "gpu": gpu}
+
+
+def processor_name(cpuinfo: str) -> str:
+    """/proc/cpuinfo's model name with the x86 family and model and the bf16 hardware: a
+    virtual machine's model name alone ("AMD EPYC") does not tell Zen 3 from Zen 5, and
+    timings compare only within one processor."""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    details = [f"family {fields['cpu family']} model {fields['model']}"] if "cpu family" in fields and "model" in fields else []
+    flags = cpu_flags(cpuinfo)
+    details += [label for flag, label in (("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX")) if flag in flags]
+    return name + (f" ({', '.join(details)})" if details else "")
 
 
 def run_row(run, metrics: dict, folder: Path) -> dict:

@@ -30,10 +30,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
     """AMX or AVX512-BF16 in /proc/cpuinfo's flags: the CPUs where oneDNN runs bf16
     convolutions and matmuls natively (elsewhere bf16 is emulated and slower than fp32)."""
-    return bool(_cpu_flags(cpuinfo) & {"amx_bf16", "avx512_bf16"})
+    return bool(cpu_flags(cpuinfo) & {"amx_bf16", "avx512_bf16"})
 
 
-def _cpu_flags(cpuinfo: str | None = None) -> set[str]:
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
     """The CPU feature flags of /proc/cpuinfo (empty where there is none)."""
     if cpuinfo is None:
         try:

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from orc_fast.compare import main
+from orc_fast.compare_report import processor_name
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = {"num_nets": 2, "image_size": 16, "train_subset": 200, "batch_size": 50, "threads": 1, "epochs": 1}
@@ -193,3 +194,14 @@ def test_a_folder_in_use_is_refused(finished, tmp_path, capsys):
     lock.write_text("999999999\n")  # its process is gone: taken over
     assert main(["--config", str(protocol), "--out", str(folder / "out"), "--report-only"]) == 0
     assert not lock.exists()
+
+
+def test_the_processor_is_named_by_family_model_and_bf16_hardware():
+    zen3 = "processor\t: 0\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2\n"
+    zen5 = "cpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx512f avx512_bf16\n"
+    intel = ("cpu family\t: 6\nmodel\t\t: 143\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\n"
+             "flags\t\t: avx512_bf16 amx_bf16 amx_tile\nprocessor\t: 1\ncpu family\t: 6\nmodel\t\t: 143\n")
+    assert processor_name(zen3) == "AMD EPYC (family 25 model 1)"
+    assert processor_name(zen5) == "AMD EPYC (family 26 model 2, AVX512-BF16)"
+    assert processor_name(intel) == "Intel(R) Xeon(R) Platinum 8480+ (family 6 model 143, AVX512-BF16, AMX)"
+    assert processor_name("model name\t: Neoverse\n") == "Neoverse"
