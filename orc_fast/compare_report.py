@@ -22,9 +22,10 @@ def machine() -> dict:
     import torch
 
     try:
-        processor = processor_name(Path("/proc/cpuinfo").read_text())
+        cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
-        processor = platform.processor() or platform.machine()
+        cpuinfo = ""  # processor_name falls back to the platform's name
+    processor = processor_name(cpuinfo)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"processor": processor, "cores": os.cpu_count(), "torch": torch.__version__, "gpu": gpu}
 
