@@ -41,19 +41,15 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("the GPU loss benchmark needs a CUDA GPU", allow_module_level=True)
 
+# The loss benchmarks' shared module (conftest.py imports it too): the loss's constants,
+# the plain-torch baselines both benchmarks time, and the summary table's results.
+from loss_cases import ALPHA, IGNORE_INDEX, TEMPERATURE, _compiled_plain_torch_loss, _plain_torch_loss  # noqa: E402
+from loss_cases import RESULTS as SHARED_RESULTS  # noqa: E402
+
 import orc_fast  # noqa: E402
 from orc_fast import group_kd  # noqa: E402
 from orc_fast.backends import op_for, unavailable_reason  # noqa: E402
-from orc_fast.reference import group_kd_math  # noqa: E402
 
-try:  # the other loss benchmarks' summary table, when their helper module is there
-    from loss_cases import RESULTS as SHARED_RESULTS
-except ImportError:  # pragma: no cover
-    SHARED_RESULTS = {}
-
-TEMPERATURE = 4.0
-ALPHA = 0.9
-IGNORE_INDEX = -100
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 # (S, G, B, C, dtype)
@@ -110,16 +106,6 @@ def _inputs(shape, seed=0):
     teachers = (torch.randn((G, B, C), generator=generator, device="cuda") * 3).to(dtype)
     target = torch.randint(0, C, (B,), generator=generator, device="cuda")
     return student.requires_grad_(True), teachers, target
-
-
-def _plain_torch_loss(student, teachers, target, weights, alpha, members):
-    loss = group_kd_math(student, teachers, target, weights, alpha, members, TEMPERATURE, IGNORE_INDEX, 0)[0]
-    return loss.sum() / (target != IGNORE_INDEX).sum()
-
-
-@functools.cache
-def _compiled_plain_torch_loss():
-    return torch.compile(_plain_torch_loss, dynamic=False)
 
 
 def _liger_available() -> str | None:
