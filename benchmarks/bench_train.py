@@ -30,9 +30,9 @@ import time
 import pytest
 import torch
 
-from orc_fast.data import DeviceDataset, train_batches
+from orc_fast.data import DeviceDataset
+from orc_fast.group_step import GroupStep, StepConfig
 from orc_fast.models import build_model
-from orc_fast.orc import GroupStep, StepConfig
 
 BATCH, CLASSES, SIZE = 128, 100, 32
 GROUPS = {
@@ -68,7 +68,7 @@ def synthetic_cifar100(device, images: int = 2048) -> DeviceDataset:
 def endless_batches(dataset, device):
     generator = torch.Generator(device=device).manual_seed(0)
     while True:
-        yield from train_batches(dataset, BATCH, generator, augment_images=True)
+        yield from dataset.train_batches(BATCH, generator, augment_images=True)
 
 
 def sync(device):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import tempfile
 from pathlib import Path
 
@@ -45,7 +44,6 @@ def write_atomic(path: str | os.PathLike, write) -> None:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
-            _crash_point(path.name)
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -66,22 +64,6 @@ def _umask() -> int:
     mask = os.umask(0)  # the only portable way to read it: set, then restore at once
     os.umask(mask)
     return mask
-
-
-_saves_seen: dict[str, int] = {}
-
-
-def _crash_point(name: str) -> None:
-    """Fault injection for the crash-safety tests: ``ORC_FAST_CRASH_IN_SAVE=latest.pt:2``
-    SIGKILLs this process in the middle of the 2nd write of latest.pt (temp file written,
-    not yet renamed). Unset, it costs one dict lookup per save."""
-    wanted = os.environ.get("ORC_FAST_CRASH_IN_SAVE")
-    if not wanted:
-        return
-    target, _, count = wanted.partition(":")
-    _saves_seen[name] = _saves_seen.get(name, 0) + 1
-    if name == target and _saves_seen[name] == int(count or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def remove_stale_temps(folder) -> None:
@@ -152,23 +134,24 @@ def _write_json(path: Path, value: dict) -> None:
     write_atomic(path, lambda handle: handle.write(json.dumps(value, indent=1).encode()))
 
 
-def write_manifests(out: Path, manifest: dict, is_best: bool) -> None:
-    """best.json (if best) first, then latest.json: a crash in between leaves latest.json
-    on the previous complete set, never on a partial one."""
+def write_manifests(folder, manifest: dict, is_best: bool) -> None:
+    """best.json (if best) first, then latest.json (in ``folder``, a RunFolder): a crash in
+    between leaves latest.json on the previous complete set, never on a partial one."""
     if is_best:
-        _write_json(out / "best.json", manifest)
-    _write_json(out / "latest.json", manifest)
+        _write_json(folder.best_manifest, manifest)
+    _write_json(folder.latest_manifest, manifest)
 
 
-def read_manifests(path: Path, out: Path):
+def read_manifests(path: Path, folder):
     """(manifest, best manifest or None, error or None): errors as values, because rank 0
     reads and broadcasts them so that every rank fails alike."""
     if path.suffix != ".json":
         return None, None, (f"under torchrun --resume takes a member-parallel manifest (latest.json or "
                             f"best.json), got {path}")
     if not path.is_file():
-        if (path.parent / "latest.pt").is_file():
-            return None, None, (f"checkpoint {path} does not exist; {path.parent / 'latest.pt'} was written by "
+        single = path.parent / folder.LATEST
+        if single.is_file():
+            return None, None, (f"checkpoint {path} does not exist; {single} was written by "
                                 f"a single-process run: resume it with python -m orc_fast.train")
         return None, None, f"checkpoint {path} does not exist"
     try:
@@ -177,7 +160,7 @@ def read_manifests(path: Path, out: Path):
         return None, None, f"checkpoint {path} is corrupt or not a checkpoint ({_first_line(error)})"
     best = None
     try:
-        best = json.loads((out / "best.json").read_text())
+        best = json.loads(folder.best_manifest.read_text())
     except (OSError, ValueError):
         pass
     return manifest, (best if isinstance(best, dict) and "files" in best else None), None

@@ -24,8 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoint import write_atomic
+from .cli import build_parser, flag_values, read_yaml
 from .compare_report import machine, write_report
-from .train import UsageError, build_parser, flag_values
+from .errors import UsageError
+from .run_folder import RunFolder
 
 PROG = "python -m orc_fast.compare"
 TOP_KEYS = {"name": str, "description": str, "common": dict, "pivot": dict, "methods": list, "seeds": list}
@@ -53,14 +55,7 @@ class Run:
 
 def read_protocol(path: str) -> dict:
     """The protocol file, checked: one-line UsageError naming the bad key."""
-    import yaml
-
-    try:
-        protocol = yaml.safe_load(Path(path).read_text())
-    except OSError as error:
-        raise UsageError(f"cannot read protocol {path}: {error.strerror}") from None
-    except yaml.YAMLError as error:
-        raise UsageError(f"protocol {path} is not valid YAML: {' '.join(str(error).split())}") from None
+    protocol = read_yaml(path, f"protocol {path}")
     if not isinstance(protocol, dict):
         raise UsageError(f"protocol {path} must be a mapping with keys {', '.join(TOP_KEYS)}")
     for key, value in protocol.items():
@@ -135,21 +130,14 @@ def method_flags(entries: list, common: dict, parser, path: str, has_pivot: bool
 # ---------------------------------------------------------------------------- run state
 
 
-def metrics_of(folder: Path) -> dict | None:
-    try:
-        return json.loads((folder / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def run_state(run: Run, out: Path) -> str:
     """finished (all its epochs in metrics.json), interrupted (a checkpoint to resume), new."""
-    folder = out / "runs" / run.name
-    metrics = metrics_of(folder)
+    folder = RunFolder(out / "runs" / run.name)
+    metrics = folder.read_metrics()
     epochs = run.flags.get("epochs", build_parser().get_default("epochs"))
     if metrics is not None and metrics.get("final") and len(metrics.get("epochs", [])) >= epochs:
         return "finished"
-    if (folder / "latest.pt").is_file() or (folder / "latest.json").is_file():
+    if folder.holds_checkpoint():
         return "interrupted"
     return "new"
 
@@ -292,7 +280,7 @@ class Runner:
             del self.running[name]
             run = next(r for r in self.runs if r.name == name)
             minutes = (time.perf_counter() - started) / 60
-            metrics = metrics_of(self.out / "runs" / name)
+            metrics = RunFolder(self.out / "runs" / name).read_metrics()
             if process.returncode == 0 and run_state(run, self.out) == "finished":
                 run.state = "done"
                 final = metrics["final"]
@@ -396,7 +384,7 @@ def main(argv=None) -> int:
         lock.unlink(missing_ok=True)
         return 130
     try:
-        finished = {run.name: metrics_of(out / "runs" / run.name) for run in runs
+        finished = {run.name: RunFolder(out / "runs" / run.name).read_metrics() for run in runs
                     if run_state(run, out) == "finished"}
         write_report(protocol, args.config, runs, finished, out)
     finally:

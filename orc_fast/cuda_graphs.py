@@ -57,10 +57,9 @@ class CudaGraphStep:
         return type(self.static_output)(*(t.clone() for t in self.static_output))
 
     def _capture(self, images, target) -> None:
-        strategy = self.group_step.strategy
         self.static_images, self.static_target = images.clone(), target.clone()
         self.lrs, restore = [], []
-        for optimizer, index, source, source_index in strategy.graph_optimizers():
+        for optimizer, index, source, source_index in self.group_step.graph_optimizers():
             group = optimizer.param_groups[index]
             lr = torch.tensor(float(source.param_groups[source_index]["lr"]), device=self.device)
             restore.append((group, {k: group.get(k) for k in ("lr", "fused", "foreach")}))

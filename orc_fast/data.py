@@ -21,6 +21,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -67,6 +68,67 @@ class DeviceDataset:
     def to(self, device) -> DeviceDataset:
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
         return DeviceDataset(**moved)
+
+    # ---------------------------------------------------------------- the Source interface
+
+    def size(self, split: str) -> int:
+        return len(self._split(split)[1])
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return steps_per_epoch(self.size("train"), batch_size)
+
+    def train_batches(self, batch_size: int, generator: torch.Generator, augment_images: bool = True):
+        """One epoch of (normalised augmented images [B, 3, H, W] fp32, labels [B]) on the
+        device, in the order ``generator`` draws (its state, saved with a checkpoint, is
+        where the next epoch's order comes from)."""
+        count = len(self.train_labels)
+        order = torch.randperm(count, generator=generator, device=self.train_labels.device)
+        size = min(batch_size, count)
+        for step in range(steps_per_epoch(count, batch_size)):
+            index = order[step * size : (step + 1) * size]
+            images = self.train_images[index]
+            if augment_images:
+                images = augment(images, generator, flip=self.flip)
+            yield normalize(images, self.mean, self.std), self.train_labels[index]
+
+    def eval_batches(self, split: str, batch_size: int = 1000):
+        """(normalised images, labels) of the ``test`` or ``val`` split, in order, unaugmented."""
+        all_images, all_labels = self._split(split)
+        for start in range(0, len(all_labels), batch_size):
+            images = all_images[start : start + batch_size]
+            yield normalize(images, self.mean, self.std), all_labels[start : start + batch_size]
+
+    def _split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        splits = {"train": (self.train_images, self.train_labels), "val": (self.val_images, self.val_labels),
+                  "test": (self.test_images, self.test_labels)}
+        if split not in splits:
+            raise ValueError(f"unknown split {split!r}; known: {', '.join(splits)}")
+        return splits[split]
+
+
+class Source(Protocol):
+    """What the trainer reads data through (docs/design.md §6): class names and the
+    normalisation a trained member expects, a training epoch in batches, and the
+    evaluation splits. ``DeviceDataset`` is the on-device implementation; a streaming one
+    plugs in here."""
+
+    classes: list[str]
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    @property
+    def num_classes(self) -> int: ...
+
+    @property
+    def image_size(self) -> int: ...
+
+    def size(self, split: str) -> int: ...
+
+    def steps_per_epoch(self, batch_size: int) -> int: ...
+
+    def train_batches(self, batch_size: int, generator: torch.Generator, augment_images: bool = True): ...
+
+    def eval_batches(self, split: str, batch_size: int = 1000): ...
 
 
 # ---------------------------------------------------------------------------- sources
@@ -417,22 +479,3 @@ def steps_per_epoch(num_images: int, batch_size: int) -> int:
     return max(1, num_images // batch_size)
 
 
-def train_batches(dataset: DeviceDataset, batch_size: int, generator: torch.Generator, augment_images: bool = True):
-    """One epoch of (normalised augmented images [B, 3, H, W] fp32, labels [B]) on the device."""
-    count = len(dataset.train_labels)
-    order = torch.randperm(count, generator=generator, device=dataset.train_labels.device)
-    size = min(batch_size, count)
-    for step in range(steps_per_epoch(count, batch_size)):
-        index = order[step * size : (step + 1) * size]
-        images = dataset.train_images[index]
-        if augment_images:
-            images = augment(images, generator, flip=dataset.flip)
-        yield normalize(images, dataset.mean, dataset.std), dataset.train_labels[index]
-
-
-def test_batches(dataset: DeviceDataset, batch_size: int = 1000, split: str = "test"):
-    """(normalised images, labels) of the ``test`` or ``val`` split, in order, unaugmented."""
-    all_images, all_labels = getattr(dataset, f"{split}_images"), getattr(dataset, f"{split}_labels")
-    for start in range(0, len(all_labels), batch_size):
-        images = all_images[start : start + batch_size]
-        yield normalize(images, dataset.mean, dataset.std), all_labels[start : start + batch_size]

@@ -35,20 +35,14 @@ from __future__ import annotations
 import datetime
 import os
 import secrets
-import signal
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from . import checkpoint
-from .orc import GroupStep, ScoreTracker
-
-# Test-only fault injection: "RANK:STEP:ACTION", ACTION kill (SIGKILL itself), exit
-# (os._exit(1)) or hang (sleep), at the start of that rank's STEP-th training step (from 1).
-FAULT_ENV = "ORC_FAST_FAULT"
+from .run_folder import RunFolder
 
 
 class LaunchError(ValueError):
@@ -98,20 +92,26 @@ class SingleProcess:
     def describe(self) -> str | None:
         return None
 
+    def settings(self) -> dict:
+        """What this placement adds to the run's config: nothing."""
+        return {}
+
+    def members(self):
+        """The group step's placement (orc_fast/group_step.py): None, every member is here."""
+        return None
+
     def build_models(self, archs, build, device):
         return [build(arch).to(device) for arch in archs]
-
-    def group_step(self, *args, **kwargs) -> GroupStep:
-        return GroupStep(*args, **kwargs)
 
     def exchange(self, local: torch.Tensor) -> torch.Tensor:
         return local
 
-    def load_checkpoint(self, out: Path, resume: str):
-        path = out / "latest.pt" if resume == "latest" else Path(resume)
-        if not path.is_file() and path.suffix != ".json" and (path.parent / "latest.json").is_file():
+    def load_checkpoint(self, folder: RunFolder, resume: str):
+        path = folder.latest if resume == "latest" else Path(resume)
+        manifest = RunFolder(path.parent).latest_manifest
+        if not path.is_file() and path.suffix != ".json" and manifest.is_file():
             raise checkpoint.CheckpointError(
-                f"checkpoint {path} does not exist; {path.parent / 'latest.json'} is a member-parallel checkpoint: "
+                f"checkpoint {path} does not exist; {manifest} is a member-parallel checkpoint: "
                 f"resume it under torchrun with the ranks that wrote it"
             )
         if path.suffix == ".json":
@@ -120,10 +120,10 @@ class SingleProcess:
             )
         return path, checkpoint.load(path)
 
-    def save_checkpoint(self, out: Path, state: dict, is_best: bool) -> None:
-        checkpoint.save(out / "latest.pt", state)
+    def save_checkpoint(self, folder: RunFolder, state: dict, is_best: bool) -> None:
+        checkpoint.save(folder.latest, state)
         if is_best:
-            checkpoint.save(out / "best.pt", state)
+            checkpoint.save(folder.best, state)
 
     def close(self) -> None:
         pass
@@ -132,80 +132,31 @@ class SingleProcess:
 # ============================================================================ member-parallel
 
 
-class MemberParallelStep(GroupStep):
-    """``GroupStep`` of one rank: its own members forward, backward and step; scores, roles
-    and losses are computed over the whole group from the exchanged logits."""
-
-    def __init__(self, placement: MemberParallel, models, optimizers, config, device, generator, **kwargs):
-        super().__init__(models, optimizers, config, device, generator, **kwargs)
-        self.placement = placement
-        members = placement.num_members
-        self.scores = ScoreTracker(members, config.rank_momentum, device)
-        self.no_roles = torch.zeros(members, dtype=torch.float32, device=device)
-        self.steps_taken = 0
-        self.fault = _parse_fault(os.environ.get(FAULT_ENV), placement.rank)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.placement.exchange(super().forward(images))
-
-    def local_roles(self, roles: torch.Tensor) -> torch.Tensor:
-        block = self.placement.block
-        return roles[block.start : block.stop]
-
-    def __call__(self, images, target):
-        self.steps_taken += 1
-        if self.fault is not None and self.steps_taken == self.fault[0]:
-            _inject(self.fault[1])
-        return super().__call__(images, target)
-
-
-def _parse_fault(spec: str | None, rank: int):
-    if not spec:
-        return None
-    try:
-        fault_rank, step, action = spec.split(":")
-        if action not in ("kill", "exit", "hang"):
-            raise ValueError(action)
-        return (int(step), action) if int(fault_rank) == rank else None
-    except ValueError:
-        raise LaunchError(f"{FAULT_ENV} must be RANK:STEP:kill|exit|hang, got {spec!r}") from None
-
-
-def _inject(action: str) -> None:
-    print(f"{FAULT_ENV}: injecting '{action}'", file=sys.stderr, flush=True)
-    if action == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    if action == "exit":
-        os._exit(1)
-    while True:  # hang
-        time.sleep(60)
-
-
 class MemberParallel:
     """One rank of a torchrun launch: which members it owns, the logits exchange, and
     checkpoints as one consistent set across ranks."""
 
-    def __init__(self, args, config: dict):
+    def __init__(self, config):
         self.rank = int(os.environ["RANK"])
         self.world_size = int(os.environ["WORLD_SIZE"])
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
         self.is_main = self.rank == 0
-        self.num_members = config["num_nets"]
+        self.num_members = config.method.num_nets
         self.blocks = member_blocks(self.num_members, self.world_size)
         self.block = self.blocks[self.rank]
-        self.timeout = args.dist_timeout
-        self.out = Path(config["out"])
+        self.timeout = config.run.dist_timeout
+        self.folder = RunFolder(config.run.out)
         self.saved_epoch = None  # last epoch of a complete checkpoint set
         self.latest = self.best = None  # manifests in force (dicts)
         self.checkpoint_files = "latest.json, best.json, epoch*.rank*.pt"
 
-        device = torch.device(config["device"])
+        device = torch.device(config.run.device)
         if device.type == "cuda":
             if device.index is not None and device.index != self.local_rank:
                 raise LaunchError(
                     f"under torchrun each rank uses cuda:LOCAL_RANK (here cuda:{self.local_rank}), "
-                    f"not --device {args.device}: pass --device cuda or auto"
+                    f"not --device {config.run.device}: pass --device cuda or auto"
                 )
             if self.local_rank >= torch.cuda.device_count():
                 raise LaunchError(
@@ -217,7 +168,7 @@ class MemberParallel:
             self.backend = "nccl"
         else:
             self.backend = "gloo"
-        if device.type == "cpu" and not args.threads:
+        if device.type == "cpu" and not config.run.threads:
             # The trainer's default (half the cores) is per machine: share it among this
             # machine's ranks.
             torch.set_num_threads(max(1, (os.cpu_count() or 2) // (2 * local_world)))
@@ -232,7 +183,6 @@ class MemberParallel:
         token = [secrets.token_hex(4) if self.is_main else None]
         self._collective("start-up", dist.broadcast_object_list, token, 0)
         self.token = token[0]
-        config.update(device=str(device), world_size=self.world_size, dist_backend=self.backend)
         if not self.is_main:  # one copy of the log, from rank 0; errors still reach stderr
             sys.stdout = open(os.devnull, "w")
 
@@ -250,7 +200,7 @@ class MemberParallel:
             if self.saved_epoch is None:
                 last = "no complete checkpoint was written yet"
             else:
-                last = f"the last complete checkpoint is {self.out / 'latest.json'} (epoch {self.saved_epoch})"
+                last = f"the last complete checkpoint is {self.folder.latest_manifest} (epoch {self.saved_epoch})"
             raise GroupFailure(
                 f"rank {self.rank}: lost the group during {what} (another rank died, or hung past "
                 f"--dist-timeout {self.timeout:g}s): {_first_line(error)}; {last}"
@@ -272,8 +222,17 @@ class MemberParallel:
             del model
         return models
 
-    def group_step(self, *args, **kwargs) -> MemberParallelStep:
-        return MemberParallelStep(self, *args, **kwargs)
+    def settings(self) -> dict:
+        """What this rank adds to the run's config: its device, the world size, the backend."""
+        return {"device": str(self.device), "world_size": self.world_size, "dist_backend": self.backend}
+
+    def members(self) -> MemberParallel:
+        """The group step's placement: this rank's block of the group (``exchange``, ``local_rows``)."""
+        return self
+
+    def local_rows(self, values: torch.Tensor) -> torch.Tensor:
+        """The group's per-member values [N] -> this rank's block."""
+        return values[self.block.start : self.block.stop]
 
     def exchange(self, local: torch.Tensor) -> torch.Tensor:
         """This rank's logits [n_r, ...] -> the whole group's [N, ...].
@@ -295,39 +254,37 @@ class MemberParallel:
 
     # ---------------------------------------------------------------- checkpoints
 
-    def _file_name(self, epoch: int) -> str:
-        return f"epoch{epoch:04d}-{self.token}.rank{self.rank}.pt"
-
-    def save_checkpoint(self, out: Path, state: dict, is_best: bool) -> None:
+    def save_checkpoint(self, folder: RunFolder, state: dict, is_best: bool) -> None:
         """Own members to this rank's file; then (all files on disk) rank 0's manifests; then
         each rank deletes its files that no manifest names any more."""
         epoch = state["epoch"]
         state = {**state, "rank": self.rank, "world_size": self.world_size,
                  "members": [self.block.start, self.block.stop], "run_id": self.token}
-        checkpoint.save(out / self._file_name(epoch), state)
+        file = folder.rank_file(epoch, self.token, self.rank)
+        checkpoint.save(file, state)
         names = [None] * self.world_size
-        self._collective("saving checkpoints", dist.all_gather_object, names, self._file_name(epoch))
+        self._collective("saving checkpoints", dist.all_gather_object, names, file.name)
         manifest = checkpoint.make_manifest(epoch, self.world_size, self.num_members, self.token,
                                             [[block.start, block.stop] for block in self.blocks], names)
         if self.is_main:
-            checkpoint.write_manifests(out, manifest, is_best)
+            checkpoint.write_manifests(folder, manifest, is_best)
         self.barrier("writing the checkpoint manifest")
         self.latest, self.saved_epoch = manifest, epoch
         if is_best:
             self.best = manifest
-        self._delete_unnamed(out)
+        self._delete_unnamed(folder)
 
-    def _delete_unnamed(self, out: Path) -> None:
+    def _delete_unnamed(self, folder: RunFolder) -> None:
         keep = {m["files"][self.rank] for m in (self.latest, self.best) if m and m["world_size"] == self.world_size}
-        for path in out.glob(f"epoch*.rank{self.rank}.pt"):
+        for path in folder.rank_files(self.rank):
             if path.name not in keep:
                 path.unlink(missing_ok=True)
 
-    def load_checkpoint(self, out: Path, resume: str):
-        path = out / "latest.json" if resume == "latest" else Path(resume)
+    def load_checkpoint(self, folder: RunFolder, resume: str):
+        path = folder.latest_manifest if resume == "latest" else Path(resume)
         payload = [None]
         if self.is_main:
-            payload[0] = checkpoint.read_manifests(path, out)
+            payload[0] = checkpoint.read_manifests(path, folder)
         self._collective("resuming", dist.broadcast_object_list, payload, 0)
         manifest, best, error = payload[0]
         if error is None:
@@ -362,7 +319,7 @@ def _span(block: range) -> str:
     return f"member {block.start}" if len(block) == 1 else f"members {block.start}-{block.stop - 1}"
 
 
-def setup(args, config: dict):
+def setup(config):
     """The run's placement: ``MemberParallel`` under torchrun, else ``SingleProcess``.
 
     Under torchrun this joins the process group and may update ``config`` (the rank's
@@ -370,4 +327,4 @@ def setup(args, config: dict):
     """
     if not launched_by_torchrun():
         return SingleProcess()
-    return MemberParallel(args, config)
+    return MemberParallel(config)

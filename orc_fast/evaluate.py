@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
+from .cli import HelpFormatter, Parser, run_main
 from .data import DATASETS, DataError, load_class_folders, load_dataset
-from .train import HelpFormatter, Parser, UsageError
+from .errors import UsageError
 from .trained import MEMBER_HELP, TrainedRun, load_trained, select
 
 PROG = "python -m orc_fast.evaluate"
@@ -119,12 +120,8 @@ def evaluate(args) -> dict:
 
 
 def main(argv=None) -> int:
-    try:
-        evaluate(build_parser().parse_args(argv))
-    except (UsageError, DataError, checkpoint.CheckpointError) as error:
-        print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main(PROG, lambda args: evaluate(build_parser().parse_args(args)), argv,
+                    (DataError, checkpoint.CheckpointError))
 
 
 if __name__ == "__main__":

@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
+from .cli import HelpFormatter, Parser, run_main
 from .data import DataError
-from .train import HelpFormatter, Parser, UsageError
+from .errors import UsageError
 from .trained import MEMBER_HELP, Classifier, TrainedRun, load_trained, select
 
 PROG = "python -m orc_fast.export"
@@ -153,12 +154,8 @@ def export(args) -> dict:
 
 
 def main(argv=None) -> int:
-    try:
-        export(build_parser().parse_args(argv))
-    except (UsageError, DataError, checkpoint.CheckpointError) as error:
-        print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main(PROG, lambda args: export(build_parser().parse_args(args)), argv,
+                    (DataError, checkpoint.CheckpointError))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from torch import nn
 
 from . import checkpoint
 from .models import build_model
+from .run_folder import RunFolder
 
 
 def pivot_path(given: str) -> Path:
@@ -23,10 +24,10 @@ def pivot_path(given: str) -> Path:
     latest.pt)."""
     path = Path(given)
     if path.is_dir():
-        for name in ("best.pt", "latest.pt"):
-            if (path / name).is_file():
-                return path / name
-        raise checkpoint.CheckpointError(f"--pivot {path} is a folder without best.pt or latest.pt")
+        found = RunFolder(path).pivot_file()
+        if found is None:
+            raise checkpoint.CheckpointError(f"--pivot {path} is a folder without {RunFolder.BEST} or {RunFolder.LATEST}")
+        return found
     if not path.is_file():
         raise checkpoint.CheckpointError(f"--pivot {path} does not exist")
     return path

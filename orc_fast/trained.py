@@ -23,8 +23,10 @@ from torch import nn
 
 from . import checkpoint
 from .data import DataError, load_dataset, standardize
+from .errors import UsageError
 from .models import build_model
-from .train import UsageError, final_record
+from .report import final_record
+from .run_folder import RunFolder
 
 
 @dataclass
@@ -50,15 +52,16 @@ def read_checkpoint(source) -> tuple[Path, dict]:
     """(the file read, one checkpoint dict holding every member); raises CheckpointError."""
     path = Path(source)
     if path.is_dir():
-        found = [path / name for name in ("latest.pt", "latest.json") if (path / name).is_file()]
-        if not found:
-            raise checkpoint.CheckpointError(f"{path} holds no checkpoint (latest.pt or latest.json)")
-        path = found[0]
+        found = RunFolder(path).checkpoint_file()
+        if found is None:
+            raise checkpoint.CheckpointError(f"{path} holds no checkpoint ({RunFolder.LATEST} or "
+                                             f"{RunFolder.LATEST_MANIFEST})")
+        path = found
     if path.suffix != ".json":
         return path, checkpoint.load(path)
     # Member-parallel: one file per rank, each with a contiguous block of members; the
     # manifest names the complete set in rank order.
-    manifest, _, error = checkpoint.read_manifests(path, path.parent)
+    manifest, _, error = checkpoint.read_manifests(path, RunFolder(path.parent))
     if error is None:
         sizes = (manifest.get("world_size"), manifest.get("num_nets")) if isinstance(manifest, dict) else (None, None)
         error = checkpoint.manifest_problem(manifest, path, *sizes)

@@ -22,8 +22,12 @@ TINY = ["--arch", "resnet8", "--num-nets", "3", "--train-subset", "384", "--batc
         "--seed", "7", "--threads", "1"]
 
 
+FAULTS = str(Path(__file__).with_name("faults.py"))  # the trainer with a planted fault
+
+
 def train(out, *extra, env=None, check=True):
-    run = subprocess.run([sys.executable, "-m", "orc_fast.train", *TINY, "--out", str(out), *extra],
+    command = [FAULTS] if env else ["-m", "orc_fast.train"]
+    run = subprocess.run([sys.executable, *command, *TINY, "--out", str(out), *extra],
                          capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
     if check:
         assert run.returncode == 0, run.stderr[-3000:]
@@ -77,7 +81,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, uninterru
 
 @pytest.mark.slow
 def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path, uninterrupted):
-    crashed = train(tmp_path, env={"ORC_FAST_CRASH_IN_SAVE": "latest.pt:2"}, check=False)
+    crashed = train(tmp_path, env={"FAULT_CRASH_IN_SAVE": "latest.pt:2"}, check=False)
     assert crashed.returncode == -signal.SIGKILL
     stale = list(tmp_path.glob(".latest.pt.*.tmp"))
     assert stale, "the crash happened with the new checkpoint written to a temp file, not yet renamed"
@@ -122,7 +126,7 @@ def test_too_many_skipped_steps_end_the_run_with_exit_1_and_keep_the_last_checkp
 STEPS = """
 import os, sys, torch
 from orc_fast.models import build_model
-from orc_fast.orc import GroupStep, StepConfig
+from orc_fast.group_step import GroupStep, StepConfig
 
 def rss_bytes():
     with open("/proc/self/statm") as statm:

@@ -16,10 +16,6 @@ from orc_fast.data import (
     load_dataset,
     normalize,
     steps_per_epoch,
-    train_batches,
-)
-from orc_fast.data import (
-    test_batches as eval_batches,
 )
 
 SHARED_CIFAR10 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
@@ -45,7 +41,7 @@ def test_digits_is_embedded_upsampled_and_split_the_same_way_every_time():
 
 def test_normalisation_statistics_come_from_the_training_images():
     data = load_dataset("digits")
-    images = torch.cat([x for x, _ in eval_batches(data, 500)])
+    images = torch.cat([x for x, _ in data.eval_batches("test", 500)])
     assert images.dtype == torch.float32
     train = normalize(data.train_images, data.mean, data.std)
     assert train.mean().abs() < 1e-3 and (train.std() - 1).abs() < 1e-2
@@ -82,13 +78,13 @@ def test_augment_is_reproducible_from_the_generator():
 def test_train_batches_cover_an_epoch_in_full_batches():
     data = load_dataset("digits", train_subset=200)
     generator = torch.Generator().manual_seed(0)
-    batches = list(train_batches(data, 64, generator))
+    batches = list(data.train_batches(64, generator))
     assert len(batches) == steps_per_epoch(200, 64) == 3
     labels = torch.cat([y for _, y in batches])
     assert len(labels) == 192
     assert all(x.shape == (64, 3, 32, 32) and x.dtype == torch.float32 for x, _ in batches)
     assert steps_per_epoch(10, 64) == 1  # a tiny set still gets one (smaller) batch
-    assert len(list(train_batches(load_dataset("digits", train_subset=10), 64, generator))) == 1
+    assert len(list(load_dataset("digits", train_subset=10).train_batches(64, generator))) == 1
 
 
 def test_class_balanced_subset():

@@ -8,7 +8,6 @@ manifests with a one-rank gloo group.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
@@ -22,13 +21,16 @@ import torch
 import torch.distributed as dist
 
 from orc_fast import checkpoint, distributed
+from orc_fast.config import build as build_config
+from orc_fast.run_folder import RunFolder
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "digits", "--arch", "resnet8", "--train-subset", "128", "--batch-size", "32",
         "--image-size", "16", "--epochs", "2", "--threads", "1", "--device", "cpu", "--seed", "3"]
 NUMBERS = ("train_loss", "test_acc", "ensemble_acc", "teacher_fraction")
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
-                "MASTER_PORT", "TORCHELASTIC_RUN_ID", distributed.FAULT_ENV)
+                "MASTER_PORT", "TORCHELASTIC_RUN_ID", "FAULT_RANK")
+FAULTS = str(Path(__file__).with_name("faults.py"))  # the trainer with a planted fault
 
 
 def clean_env(**extra) -> dict:
@@ -39,12 +41,13 @@ def clean_env(**extra) -> dict:
 
 def launch(args, ranks: int | None, timeout: float = 240, **env):
     """``python -m orc_fast.train`` (ranks None) or torchrun with ``ranks`` workers; returns
-    (completed process, seconds)."""
+    (completed process, seconds). With a FAULT_RANK in ``env`` the ranks run tests/faults.py."""
+    trainer = [FAULTS] if "FAULT_RANK" in env else ["-m", "orc_fast.train"]
     if ranks is None:
-        command = [sys.executable, "-m", "orc_fast.train", *args]
+        command = [sys.executable, *trainer, *args]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-                   f"--nproc_per_node={ranks}", "--monitor-interval=0.5", "-m", "orc_fast.train", *args]
+                   f"--nproc_per_node={ranks}", "--monitor-interval=0.5", *trainer, *args]
     started = time.monotonic()
     done = subprocess.run(command, cwd=ROOT, env=clean_env(**env), capture_output=True, text=True, timeout=timeout)
     return done, time.monotonic() - started
@@ -125,7 +128,7 @@ def test_a_killed_rank_stops_the_job_and_the_last_checkpoint_resumes(single, tmp
     out = tmp_path / "killed"
     # 4 steps per epoch: rank 1 SIGKILLs itself at the start of step 6 (epoch 2).
     done, seconds = launch([*TINY, "--out", str(out), "--dist-timeout", "20"], 2,
-                           **{distributed.FAULT_ENV: "1:6:kill"})
+                           FAULT_RANK="1:6:kill")
     assert done.returncode != 0
     assert seconds < 100, seconds
     latest = json.loads((out / "latest.json").read_text())
@@ -142,7 +145,7 @@ def test_a_killed_rank_stops_the_job_and_the_last_checkpoint_resumes(single, tmp
 def test_a_hung_rank_times_the_others_out(tmp_path):
     out = tmp_path / "hung"
     done, seconds = launch([*TINY, "--out", str(out), "--dist-timeout", "10"], 2,
-                           **{distributed.FAULT_ENV: "1:6:hang"})
+                           FAULT_RANK="1:6:hang")
     assert done.returncode != 0
     assert seconds < 100, seconds
     assert "rank 0: lost the group during the logits exchange" in done.stderr, done.stderr[-3000:]
@@ -180,7 +183,7 @@ def test_member_blocks_are_contiguous_and_balanced():
 def test_plain_runs_use_the_single_process_placement(monkeypatch):
     for name in TORCHRUN_ENV:
         monkeypatch.delenv(name, raising=False)
-    assert isinstance(distributed.setup(argparse.Namespace(), {}), distributed.SingleProcess)
+    assert isinstance(distributed.setup(build_config({})), distributed.SingleProcess)
 
 
 def free_port() -> int:
@@ -198,11 +201,10 @@ def one_rank(monkeypatch, tmp_path):
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     stdout = sys.stdout
-    args = argparse.Namespace(dist_timeout=30.0, threads=1, device="cpu")
-    config = {"num_nets": 2, "out": str(tmp_path), "device": "cpu"}
-    placement = distributed.setup(args, config)
+    config = build_config({"num_nets": 2, "out": str(tmp_path), "device": "cpu", "dist_timeout": 30.0, "threads": 1})
+    placement = distributed.setup(config)
     try:
-        yield placement, tmp_path
+        yield placement, RunFolder(tmp_path)
     finally:
         sys.stdout = stdout
         if dist.is_initialized():
@@ -224,9 +226,10 @@ def test_exchange_keeps_gradient_in_the_local_block(one_rank):
 
 
 def test_manifest_names_the_complete_set_and_old_sets_go(one_rank):
-    placement, out = one_rank
+    placement, folder = one_rank
+    out = folder.path
     for epoch, best in ((1, True), (2, False), (3, False)):
-        placement.save_checkpoint(out, fake_state(epoch), is_best=best)
+        placement.save_checkpoint(folder, fake_state(epoch), is_best=best)
     latest = json.loads((out / "latest.json").read_text())
     best = json.loads((out / "best.json").read_text())
     assert (latest["epoch"], best["epoch"]) == (3, 1)
@@ -234,9 +237,9 @@ def test_manifest_names_the_complete_set_and_old_sets_go(one_rank):
 
     # A rank file written after the manifest (a crash before the next manifest) is ignored.
     checkpoint.save(out / f"epoch0004-{placement.token}.rank0.pt", {**fake_state(4), "rank": 0})
-    path, state = placement.load_checkpoint(out, "latest")
+    path, state = placement.load_checkpoint(folder, "latest")
     assert path == out / "latest.json" and state["epoch"] == 3
-    assert placement.load_checkpoint(out, str(out / "best.json"))[1]["epoch"] == 1
+    assert placement.load_checkpoint(folder, str(out / "best.json"))[1]["epoch"] == 1
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -247,8 +250,9 @@ def test_manifest_names_the_complete_set_and_old_sets_go(one_rank):
     ("single-process", "was written by a single-process run"),
 ])
 def test_resume_refuses_a_damaged_set(one_rank, damage, message):
-    placement, out = one_rank
-    placement.save_checkpoint(out, fake_state(1), is_best=True)
+    placement, folder = one_rank
+    out = folder.path
+    placement.save_checkpoint(folder, fake_state(1), is_best=True)
     latest = json.loads((out / "latest.json").read_text())
     if damage == "missing":
         (out / latest["files"][0]).unlink()
@@ -262,4 +266,4 @@ def test_resume_refuses_a_damaged_set(one_rank, damage, message):
         (out / "latest.json").unlink()
         checkpoint.save(out / "latest.pt", fake_state(1))
     with pytest.raises(checkpoint.CheckpointError, match=message):
-        placement.load_checkpoint(out, "latest")
+        placement.load_checkpoint(folder, "latest")

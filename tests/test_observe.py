@@ -11,18 +11,16 @@ import torch.nn.functional as F
 from test_orc import TAU, ce_rows, kd_term, random_group
 from test_train_cli import FAST, run_main
 
+from orc_fast.config import build as build_config
 from orc_fast.data import steps_per_epoch
+from orc_fast.methods import StepOutput
+from orc_fast.methods.dml import dml_losses
+from orc_fast.methods.independent import independent_losses
+from orc_fast.methods.kd import kd_losses
+from orc_fast.methods.kdcl import kdcl_losses, min_logit_teacher
+from orc_fast.methods.orc_peer import orc_losses
+from orc_fast.methods.orc_pivot import pivot_orc_losses
 from orc_fast.observe import EpochLog
-from orc_fast.orc import (
-    StepOutput,
-    dml_losses,
-    independent_losses,
-    kd_losses,
-    kdcl_losses,
-    min_logit_teacher,
-    orc_losses,
-    pivot_orc_losses,
-)
 from orc_fast.plot import _epoch_axis, plot_metrics
 from orc_fast.train import main, warmup_steps
 
@@ -101,15 +99,13 @@ def test_epoch_log_leaves_skipped_steps_out_of_the_means_and_counts_role_changes
 
 
 def test_warm_up_is_the_first_compiled_or_captured_steps_of_the_first_epoch_trained():
-    class Args:
-        compile, cuda_graphs = True, False
+    def Args(compile, cuda_graphs):  # noqa: N802 - stands for the run's settings
+        return build_config({"compile": compile, "cuda_graphs": cuda_graphs})
 
-    assert warmup_steps(Args, start_epoch=2, epoch=2) == 1
-    assert warmup_steps(Args, start_epoch=2, epoch=3) == 0
-    Args.compile, Args.cuda_graphs = False, True
-    assert warmup_steps(Args, 0, 0) == 4  # 3 eager warm-up steps and the capture
-    Args.cuda_graphs = False
-    assert warmup_steps(Args, 0, 0) == 0
+    assert warmup_steps(Args(True, False), start_epoch=2, epoch=2) == 1
+    assert warmup_steps(Args(True, False), start_epoch=2, epoch=3) == 0
+    assert warmup_steps(Args(False, True), 0, 0) == 4  # 3 eager warm-up steps and the capture
+    assert warmup_steps(Args(False, False), 0, 0) == 0
 
 
 # ---------------------------------------------------------------------------- a run

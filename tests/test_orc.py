@@ -9,22 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from orc_fast import methods
+from orc_fast.group_step import GroupStep, StepConfig, preserved_buffers
 from orc_fast.masked_sgd import masked_sgd_step
-from orc_fast.orc import (
-    METHODS,
-    GroupStep,
-    ScoreTracker,
-    StepConfig,
-    assign_roles,
-    batch_scores,
-    dml_losses,
-    independent_losses,
-    kdcl_losses,
-    loss_form,
-    min_logit_teacher,
-    orc_losses,
-    preserved_buffers,
-)
+from orc_fast.methods import loss_form
+from orc_fast.methods.dml import dml_losses
+from orc_fast.methods.independent import independent_losses
+from orc_fast.methods.kdcl import kdcl_losses, min_logit_teacher
+from orc_fast.methods.orc_peer import orc_losses
+from orc_fast.roles import ScoreTracker, assign_roles, batch_scores
 
 TAU, ALPHA, LAMBDA = 4.0, 0.9, 1.5
 
@@ -103,7 +96,7 @@ def test_score_tracker_state_round_trip():
 def test_batch_scores_are_mean_cross_entropy_without_grad():
     logits = torch.randn(3, 8, 5, requires_grad=True)
     target = torch.randint(0, 5, (8,))
-    scores = batch_scores(logits, target)
+    scores = batch_scores(logits, target, "ce")
     assert not scores.requires_grad
     expected = torch.stack([F.cross_entropy(logits[i], target) for i in range(3)]).detach()
     torch.testing.assert_close(scores, expected)
@@ -433,7 +426,7 @@ def test_refresh_teachers_matches_a_host_branching_reference():
     models, optimizers = make_group()
     reference = [copy.deepcopy(m) for m in models]
     ref_optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4) for m in reference]
-    config = StepConfig(teacher_size=2, refresh_teachers=True, error_weight=LAMBDA)
+    config = StepConfig(teacher_size=2, refresh_teachers=True, error_weight=LAMBDA, rank_by="ce")
     step = GroupStep(models, optimizers, config, "cpu", None)
     for seed in (1, 2, 3):
         x, y = batch(seed)
@@ -441,7 +434,7 @@ def test_refresh_teachers_matches_a_host_branching_reference():
         # Reference with roles on the host: teachers step on CE (+ error term), then the
         # students distil from the refreshed teachers.
         logits = torch.stack([m(x) for m in reference])
-        roles = assign_roles(batch_scores(logits, y), 2)
+        roles = assign_roles(batch_scores(logits, y, "ce"), 2)
         torch.testing.assert_close(roles, out.roles)
         teachers = [i for i in range(4) if roles[i]]
         students = [i for i in range(4) if not roles[i]]
@@ -490,6 +483,6 @@ def test_unknown_method_is_rejected():
     models, optimizers = make_group(2)
     with pytest.raises(ValueError, match="unknown method"):
         GroupStep(models, optimizers, StepConfig(method="nope"), "cpu", None)
-    assert set(METHODS) == {"orc", "independent", "kd", "dml", "kdcl"}
+    assert set(methods.names()) == {"orc", "independent", "kd", "dml", "kdcl"}
     with pytest.raises(ValueError, match="unknown rank_by"):
         GroupStep(models, optimizers, StepConfig(rank_by="loss"), "cpu", None)

@@ -13,7 +13,10 @@ from test_orc import Tiny, batch, ce_rows, kd_term, make_group, random_group
 from test_train_cli import FAST, snapshot
 
 from orc_fast import GroupKDLoss, checkpoint
-from orc_fast.orc import GroupStep, StepConfig, assign_roles, kd_losses, pivot_orc_losses
+from orc_fast.group_step import GroupStep, StepConfig
+from orc_fast.methods.kd import kd_losses
+from orc_fast.methods.orc_pivot import pivot_orc_losses
+from orc_fast.roles import assign_roles
 from orc_fast.train import main
 
 TAU, ALPHA, LAMBDA, SCALE = 4.0, 0.5, 1.5, 2.0

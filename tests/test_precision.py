@@ -11,9 +11,10 @@ from test_orc import batch, make_group
 from test_train_cli import FAST
 
 from orc_fast import checkpoint
+from orc_fast.group_step import GroupStep, StepConfig
 from orc_fast.guard import NonFiniteGuard
-from orc_fast.orc import GroupStep, StepConfig, batch_scores
 from orc_fast.precision import LossScaler, cpu_has_fast_bf16, default_channels_last, resolve_precision
+from orc_fast.roles import batch_scores
 from orc_fast.train import main
 
 STRATEGIES = ["sequential", "streams", "fused", "auto"]
@@ -43,7 +44,7 @@ def test_low_precision_logits_reach_the_loss_and_the_loss_is_close_to_fp32():
                          StepConfig(precision=precision), "cpu", None)
         logits = step.forward(x)
         assert logits.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
-        losses[precision] = batch_scores(logits, y)
+        losses[precision] = batch_scores(logits, y, "ce")
     torch.testing.assert_close(losses["bf16"], losses["fp32"], rtol=2e-2, atol=2e-2)
 
 

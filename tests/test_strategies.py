@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from orc_fast import train
+from orc_fast.group_step import GroupStep, StepConfig
 from orc_fast.models import build_model
-from orc_fast.orc import GroupStep, StepConfig
 from orc_fast.strategies import (
     AutoStrategy,
     fusable_subgroups,

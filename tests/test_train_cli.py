@@ -11,8 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
+import orc_fast.train as train
 from orc_fast import checkpoint
-from orc_fast.train import UsageError, build_parser, main, parse_args, resolve
+from orc_fast.cli import build_parser, parse_args
+from orc_fast.config import build as build_config
+from orc_fast.config import resolve
+from orc_fast.errors import UsageError
+from orc_fast.run_folder import RunFolder
+from orc_fast.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small and quick: 2 members on 16x16 digits, 200 training images.
@@ -109,16 +115,16 @@ def test_config_file_and_cli_override(tmp_path):
     assert (args.epochs, args.method, args.arch, args.error_mixup) == (7, "dml", "resnet8,resnet14", True)
     with pytest.raises(UsageError, match="--method dml does not use --error-mixup"):
         resolve(args)  # an orc-only flag that dml would silently ignore
-    assert resolve(parse_args(["--config", str(config), "--no-error-mixup"]))["milestones"] == [3, 5]
+    assert resolve(parse_args(["--config", str(config), "--no-error-mixup"])).record()["milestones"] == [3, 5]
     args = parse_args(["--config", str(config), "--epochs", "2", "--no-error-mixup", "--method", "orc"])
     assert (args.epochs, args.error_mixup, args.method) == (2, False, "orc")
-    resolved = resolve(args)
+    resolved = resolve(args).record()
     assert resolved["archs"] == ["resnet8", "resnet14"] and resolved["teacher_size"] == 1
 
 
 @pytest.mark.parametrize("preset", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_presets_parse(preset):
-    config = resolve(parse_args(["--config", str(preset)]))
+    config = resolve(parse_args(["--config", str(preset)])).record()
     assert config["epochs"] >= 1 and config["archs"]
 
 
@@ -138,21 +144,21 @@ def test_help_documents_every_flag(capsys):
 
 
 def test_the_ranking_score_defaults_to_accuracy_in_peer_mode_only():
-    assert resolve(parse_args([]))["rank_by"] == "accuracy"
-    assert resolve(parse_args(["--rank-by", "ce"]))["rank_by"] == "ce"
-    assert resolve(parse_args(["--method", "dml"]))["rank_by"] is None  # nothing to rank
+    assert resolve(parse_args([])).record()["rank_by"] == "accuracy"
+    assert resolve(parse_args(["--rank-by", "ce"])).record()["rank_by"] == "ce"
+    assert resolve(parse_args(["--method", "dml"])).record()["rank_by"] is None  # nothing to rank
 
 
 def test_lr_schedules():
     from orc_fast.train import learning_rate
 
-    step = {"schedule": "step", "lr": 0.1, "lr_decay": 0.1, "milestones": [150, 180, 210], "epochs": 240}
+    step = build_config({"schedule": "step", "lr": 0.1, "lr_decay": 0.1, "milestones": [150, 180, 210], "epochs": 240})
     assert [round(learning_rate(step, e, 0, 10), 6) for e in (0, 149, 150, 180, 239)] == [0.1, 0.1, 0.01, 0.001, 0.0001]
     cosine = {"schedule": "cosine", "lr": 0.1, "epochs": 10}
-    assert learning_rate(cosine, 0, 0, 10) == pytest.approx(0.1)
-    assert learning_rate(cosine, 5, 0, 10) == pytest.approx(0.05)
-    assert learning_rate(cosine, 9, 9, 10) < 0.001
-    assert resolve(parse_args(["--epochs", "240", "--schedule", "step"]))["milestones"] == [150, 180, 210]
+    assert learning_rate(build_config(cosine), 0, 0, 10) == pytest.approx(0.1)
+    assert learning_rate(build_config(cosine), 5, 0, 10) == pytest.approx(0.05)
+    assert learning_rate(build_config(cosine), 9, 9, 10) < 0.001
+    assert resolve(parse_args(["--epochs", "240", "--schedule", "step"])).record()["milestones"] == [150, 180, 210]
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -321,11 +327,10 @@ def test_resume_of_a_checkpoint_from_before_the_ranking_score_was_recorded(tmp_p
                             "--resume-changes"], capsys)[0] == 0
 
 
-def interrupt_after(monkeypatch, function: str, calls: int):
-    """Make orc_fast.train.<function> raise KeyboardInterrupt (Ctrl-C) on its ``calls``-th call."""
-    import orc_fast.train as train
-
-    real, seen = getattr(train, function), []
+def interrupt_after(monkeypatch, owner, function: str, calls: int):
+    """Make ``owner.function`` (a module's function or a class's method) raise
+    KeyboardInterrupt (Ctrl-C) on its ``calls``-th call."""
+    real, seen = getattr(owner, function), []
 
     def interrupted(*args, **kwargs):
         seen.append(1)
@@ -333,12 +338,12 @@ def interrupt_after(monkeypatch, function: str, calls: int):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train, function, interrupted)
+    monkeypatch.setattr(owner, function, interrupted)
 
 
 def test_ctrl_c_before_the_first_save_says_there_is_nothing_to_resume(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    interrupt_after(monkeypatch, "train_epoch", 1)
+    interrupt_after(monkeypatch, train, "train_epoch", 1)
     code, _, err = run_main(FAST + ["--epochs", "2", "--out", str(out)], capsys)
     assert code == 130
     assert "nothing to resume: run the same command again (without --resume)" in err and "continue" not in err
@@ -350,7 +355,7 @@ def test_ctrl_c_names_the_epoch_that_resume_continues_from(tmp_path, capsys, mon
     # Ctrl-C while epoch 2's outputs are written: its checkpoint is on disk, its summary line
     # never printed. The message says which epoch the checkpoint holds; resume agrees.
     out = tmp_path / "run"
-    interrupt_after(monkeypatch, "save_outputs", 2)
+    interrupt_after(monkeypatch, RunFolder, "write_metrics", 2)
     code, stdout, err = run_main(FAST + ["--epochs", "3", "--out", str(out)], capsys)
     assert code == 130 and "epoch   2/3" not in stdout
     assert f"{out / 'latest.pt'} holds epoch 2: continue with the same command and --resume --out {out}" in err

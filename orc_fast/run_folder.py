@@ -1,0 +1,132 @@
+"""A run's folder (``--out``): the one place that knows the names of the files in it.
+
+    metrics.json            per-epoch record and the final result
+    latest.pt, best.pt      one-process checkpoints (best.pt: best validation ensemble)
+    latest.json, best.json  member-parallel manifests naming one epochNNNN-<id>.rank<r>.pt per rank
+    curves.png              the run's picture
+    tensorboard/            TensorBoard scalars (--tensorboard)
+
+Every writer here is atomic (orc_fast/checkpoint.py): a crash leaves the old file or the new.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import checkpoint
+from .errors import UsageError
+
+
+class RunFolder:
+    METRICS, CURVES, TENSORBOARD = "metrics.json", "curves.png", "tensorboard"
+    LATEST, BEST = "latest.pt", "best.pt"
+    LATEST_MANIFEST, BEST_MANIFEST = "latest.json", "best.json"
+    # What marks a folder as holding a run.
+    RUN_FILES = (METRICS, LATEST, BEST, LATEST_MANIFEST, BEST_MANIFEST)
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / self.METRICS
+
+    @property
+    def latest(self) -> Path:
+        return self.path / self.LATEST
+
+    @property
+    def best(self) -> Path:
+        return self.path / self.BEST
+
+    @property
+    def latest_manifest(self) -> Path:
+        return self.path / self.LATEST_MANIFEST
+
+    @property
+    def best_manifest(self) -> Path:
+        return self.path / self.BEST_MANIFEST
+
+    @property
+    def curves(self) -> Path:
+        return self.path / self.CURVES
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / self.TENSORBOARD
+
+    def rank_file(self, epoch: int, run_id: str, rank: int) -> Path:
+        """A member-parallel rank's checkpoint of ``epoch``; ``run_id`` is per launch, so a
+        relaunch never overwrites a file a manifest on disk still names."""
+        return self.path / f"epoch{epoch:04d}-{run_id}.rank{rank}.pt"
+
+    def rank_files(self, rank: int) -> list[Path]:
+        return list(self.path.glob(f"epoch*.rank{rank}.pt"))
+
+    # ---------------------------------------------------------------- reading
+
+    def checkpoint_file(self) -> Path | None:
+        """The latest checkpoint: latest.pt, else a member-parallel run's latest.json."""
+        return next((p for p in (self.latest, self.latest_manifest) if p.is_file()), None)
+
+    def pivot_file(self) -> Path | None:
+        """The checkpoint a pivot comes from: best.pt, else latest.pt."""
+        return next((p for p in (self.best, self.latest) if p.is_file()), None)
+
+    def holds_checkpoint(self) -> bool:
+        return self.checkpoint_file() is not None
+
+    def read_metrics(self) -> dict | None:
+        """metrics.json, or None when it is missing or unreadable."""
+        try:
+            metrics = json.loads(self.metrics.read_text())
+        except (OSError, ValueError):
+            return None
+        return metrics if isinstance(metrics, dict) else None
+
+    def saved_epoch(self) -> int | None:
+        """The epoch the latest checkpoint holds (None: no checkpoint); CheckpointError if unreadable."""
+        path = self.checkpoint_file()
+        if path is None:
+            return None
+        try:
+            return json.loads(path.read_text())["epoch"] if path.suffix == ".json" else checkpoint.load(path)["epoch"]
+        except (OSError, ValueError, KeyError) as error:
+            raise checkpoint.CheckpointError(f"{path} cannot be read") from error
+
+    # ---------------------------------------------------------------- writing
+
+    def check_free(self, resuming: bool, overwrite: bool) -> None:
+        """Refuse, before any work, a folder that is a file, or that holds a run this one would
+        overwrite (unless --resume continues it or --overwrite says so)."""
+        if self.path.exists() and not self.path.is_dir():
+            raise UsageError(f"--out {self.path} is a file, not a folder")
+        if resuming or overwrite or not self.path.is_dir():
+            return
+        held = [name for name in self.RUN_FILES if (self.path / name).exists()]
+        if held:
+            raise UsageError(f"--out {self.path} already holds a run ({', '.join(held)}): continue it with --resume, "
+                             f"replace it with --overwrite, or pick another --out")
+
+    def write_metrics(self, metrics: dict) -> None:
+        """metrics.json, then the plot (a plotting problem only warns)."""
+        checkpoint.write_atomic(self.metrics, lambda h: h.write(json.dumps(metrics, indent=1).encode()))
+        try:
+            from .plot import plot_metrics
+
+            plot_metrics(metrics, self.curves)
+        except Exception as error:  # noqa: BLE001 - a plotting problem must not kill training
+            print(f"warning: could not draw {self.curves}: {error}")
+
+    def complete_metrics(self, metrics: dict) -> None:
+        """Rewrite metrics.json (and the plot) when the one on disk holds fewer epochs than
+        ``metrics``: the save order is checkpoint first, metrics second, so a crash between
+        the two leaves it short."""
+        written = self.read_metrics()
+        epochs = written.get("epochs") if written else None
+        if not isinstance(epochs, list) or len(epochs) < len(metrics["epochs"]):
+            self.write_metrics(metrics)
