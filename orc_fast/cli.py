@@ -78,10 +78,19 @@ def method_losses() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    """The trainer's command line: its flags in four groups, as the config's sections."""
+    p = Parser(prog=PROG, description=f"{PROG}: train a group of networks with ORC, or a baseline.",
+               formatter_class=HelpFormatter)
     p.add_argument("--config", metavar="FILE", help="YAML file of flag values (keys as flag names); CLI flags override it")
 
-    g = p.add_argument_group("method")
+    add_method_flags(p.add_argument_group("method"))
+    add_data_flags(p.add_argument_group("data"))
+    add_optimisation_flags(p.add_argument_group("optimisation"))
+    add_run_flags(p.add_argument_group("run"))
+    return p
+
+
+def add_method_flags(g) -> None:
     g.add_argument("--method", choices=methods.names(), default="orc", help="orc, or a baseline, each at its "
                    f"published settings: {method_losses()}")
     g.add_argument("--pivot", metavar="CHECKPOINT", default=None,
@@ -134,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --nan-policy skip-step: end the run with an error (exit 1, the last checkpoint kept) "
                    "once more than K steps in all were skipped (default: a tenth of an epoch's steps, at least 1)")
 
-    g = p.add_argument_group("data")
+
+
+def add_data_flags(g) -> None:
     g.add_argument("--dataset", choices=DATASETS, default="digits",
                    help="digits (bundled with scikit-learn), cifar10, cifar100 (torchvision), imagefolder "
                    "(--data-dir D with D/train/<class>/*, D/test/<class>/*)")
@@ -153,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="random crop (4-pixel zero padding) and horizontal flip (not for digits), on the device")
 
-    g = p.add_argument_group("optimisation")
+
+
+def add_optimisation_flags(g) -> None:
     g.add_argument("--epochs", type=int, default=10, help="training epochs (the lr schedule spans them)")
     g.add_argument("--batch-size", type=int, default=64,
                    help="training images per step, the same batch for every member (a last partial batch is dropped)")
@@ -166,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of epochs for --schedule step (default: 62.5%%, 75%%, 87.5%% of --epochs)")
     g.add_argument("--lr-decay", type=float, default=0.1, help="--schedule step: lr factor at each milestone")
 
-    g = p.add_argument_group("run")
+
+
+def add_run_flags(g) -> None:
     g.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1, ...")
     g.add_argument("--strategy", choices=STRATEGIES, default="sequential",
                    help="how each step runs the members (same mathematics): sequential; streams (one CUDA stream "
@@ -215,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dist-timeout", type=float, default=120.0,
                    help="under torchrun: seconds a rank waits for the others in a collective before the run stops "
                    "with an error (a dead or hung rank); must exceed the longest gap between steps")
-    return p
+
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -47,9 +47,11 @@ def best_member(state: dict, path: Path) -> int:
     return max(range(len(val_acc)), key=val_acc.__getitem__)
 
 
-def load_pivot(given: str, member: int | None, num_classes: int) -> tuple[nn.Module, dict]:
-    """The pivot model (on the CPU, in train mode) and a description of where it came from:
-    {"checkpoint", "arch", "member", "val_acc"} (val_acc None when its run had no split)."""
+def load_pivot(given: str, member: int | None, data) -> tuple[nn.Module, dict]:
+    """The pivot model (on the CPU, in train mode) for a run on ``data`` (a Source,
+    orc_fast/data.py) and a description of where it came from: {"checkpoint", "arch",
+    "member", "val_acc"} (val_acc None when its run had no split)."""
+    num_classes = data.num_classes
     path = pivot_path(given)
     state = checkpoint.load(path)
     archs = state["config"].get("archs") or []

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from . import checkpoint, distributed
+from .accuracy import accuracy, pivot_accuracy
 from .cli import PROG, parse_args
 from .config import RunConfig, resolve, resume_changes
 from .cuda_graphs import CUDA_GRAPH_WARMUP, CudaGraphStep
@@ -51,7 +52,7 @@ from .guard import NonFiniteGuard, NonFiniteLoss, start_momentum
 from .models import build_model
 from .observe import EpochLog, TensorBoardLog
 from .pivot import load_pivot
-from .precision import autocast, memory_format
+from .precision import memory_format
 from .report import ProgressBar, announce, final_record, interrupted_message, report_epoch, report_final, show_progress
 from .run_folder import RunFolder
 
@@ -81,11 +82,11 @@ def run(config: RunConfig) -> dict:
     data = load_data(config)
     config = config.updated(num_classes=data.num_classes, train_size=data.size("train"), val_size=data.size("val"),
                             test_size=data.size("test"))
-    training, config = build(config, placement)
+    training, config = build(config, placement, data)
     config, start_epoch, best_accuracy, metrics = resume(config, training, placement, folder)
     announce(config, placement.describe())
     if training.step.pivot is not None and metrics["pivot"] is None:
-        metrics["pivot"] = pivot_accuracy(config, training, data)
+        metrics["pivot"] = pivot_accuracy(training.step.pivot, data, config)
         print(f"pivot before training: {100 * metrics['pivot']['pivot_test_acc']:.2f}% test")
     checkpoint.remove_stale_temps(folder.path)  # what a crash in the middle of a save left behind
     last_epoch = min(config.optim.epochs, config.run.stop_after) if config.run.stop_after else config.optim.epochs
@@ -140,7 +141,7 @@ class Training:
     last_roles: torch.Tensor | None = None  # the previous step's roles, for counting role changes
 
 
-def build(config: RunConfig, placement) -> tuple[Training, RunConfig]:
+def build(config: RunConfig, placement, data: Source) -> tuple[Training, RunConfig]:
     """One model and one SGD optimizer per member (and the pivot's, when it trains), the group
     step and its NaN guard; the config with what the pivot's checkpoint says."""
     device, o = torch.device(config.run.device), config.optim
@@ -156,7 +157,7 @@ def build(config: RunConfig, placement) -> tuple[Training, RunConfig]:
 
     pivot, pivot_optimizer = None, None
     if config.method.pivot:
-        pivot, info = load_pivot(config.method.pivot, config.method.pivot_member, num_classes)
+        pivot, info = load_pivot(config.method.pivot, config.method.pivot_member, data)
         pivot = pivot.to(device, memory_format=layout)
         pivot_optimizer = None if config.method.freeze_pivot else sgd(pivot)
         config = config.updated(pivot_member=info["member"], pivot_arch=info["arch"],
@@ -276,26 +277,6 @@ def warmup_steps(config: RunConfig, start_epoch: int, epoch: int) -> int:
     return max(1 if config.run.compile else 0, CUDA_GRAPH_WARMUP + 1 if config.run.cuda_graphs else 0)
 
 
-@torch.inference_mode()
-def accuracy(models, data: Source, split: str, config: RunConfig, exchange=None) -> tuple[list[float], float]:
-    """Top-1 of every member and of the group ensemble (mean softmax) on ``split`` (test or
-    val), as fractions, at the run's precision and memory format. ``exchange``
-    (member-parallel runs) turns this rank's members' logits into the group's."""
-    for model in models:
-        model.eval()
-    correct, ensemble_correct = 0, 0
-    for images, labels in data.eval_batches(split, config.run.eval_batch_size):
-        images = images.contiguous(memory_format=memory_format(config.run.channels_last))
-        with autocast(config.run.precision, images.device):
-            logits = torch.stack([model(images) for model in models]).float()
-        if exchange is not None:
-            logits = exchange(logits)
-        correct = correct + (logits.argmax(-1) == labels).sum(1)
-        ensemble_correct = ensemble_correct + (logits.softmax(-1).mean(0).argmax(-1) == labels).sum()
-    count = data.size(split)
-    return [c / count for c in correct.tolist()], ensemble_correct.item() / count
-
-
 def evaluate_group(config: RunConfig, training: Training, data: Source, placement, evaluated: bool) -> dict:
     """The epoch's accuracies (None where not evaluated), and a refined pivot's."""
     record = dict.fromkeys(("test_acc", "ensemble_acc", "val_acc", "val_ensemble_acc"))
@@ -306,15 +287,8 @@ def evaluate_group(config: RunConfig, training: Training, data: Source, placemen
     if config.data.val_size:
         record["val_acc"], record["val_ensemble_acc"] = accuracy(models, data, "val", config, placement.exchange)
     if training.step.pivot_optimizer is not None:
-        record.update(pivot_accuracy(config, training, data))
+        record.update(pivot_accuracy(training.step.pivot, data, config))
     return record
-
-
-def pivot_accuracy(config: RunConfig, training: Training, data: Source) -> dict:
-    """The pivot's own test (and validation) top-1: a refined pivot moves during the run."""
-    pivot = [training.step.pivot]
-    return {"pivot_test_acc": accuracy(pivot, data, "test", config)[0][0],
-            "pivot_val_acc": accuracy(pivot, data, "val", config)[0][0] if config.data.val_size else None}
 
 
 def check_skipped(config: RunConfig, metrics: dict, steps: int) -> None:
