@@ -11,7 +11,7 @@ import torch
 from orc_fast import methods
 from orc_fast.cli import parse_args
 from orc_fast.config import resolve
-from orc_fast.group_step import GroupStep, StepConfig
+from orc_fast.group_step import StepConfig
 from orc_fast.loss import group_kd
 from orc_fast.methods.dml import dml_losses
 from orc_fast.methods.kd import kd_losses
