@@ -11,6 +11,8 @@ or ``$XDG_CACHE_HOME/orc_fast`` when set), never inside the data folder, which m
 read-only. The cache key is the folder's absolute path, the decode settings (image
 size, colour mode, resampling) and every file's name, size and modification time in
 nanoseconds; a newer decode of the same folder at the same settings replaces the old one.
+Each cache file carries a SHA-256 of every tensor's bytes, checked on load: a corrupted
+file is decoded again and rewritten, never used.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from .checkpoint import write_atomic
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff"}
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: tensors' SHA-256 stored beside them (docs/design.md §6)
 # How an image file becomes a uint8 array (``_decode``); part of the decode cache's key.
 DECODE = {"mode": "RGB", "resample": "bilinear"}
 
@@ -287,17 +289,40 @@ def _save_torch_atomic(obj, path: Path) -> None:
     write_atomic(path, lambda handle: torch.save(obj, handle))
 
 
+def _tensor_sha256(tensor: torch.Tensor) -> str:
+    """SHA-256 of a CPU tensor's bytes: torch.load checks no checksum of tensor data, so
+    without it a cache file damaged on disk would be trained on silently (docs/design.md §6)."""
+    return hashlib.sha256(tensor.contiguous().numpy()).hexdigest()
+
+
+def _cache_digests(decoded: dict) -> dict:
+    return {split: {"images": _tensor_sha256(images), "labels": _tensor_sha256(labels)}
+            for split, (images, labels) in decoded.items()}
+
+
+def _read_cache(cache_path: Path, listing: dict[str, dict[str, list[Path]]]) -> tuple[dict | None, str | None]:
+    """(the cached {split: (images, labels)}, None), or (None, why the file cannot be used)."""
+    try:
+        cached = torch.load(cache_path, weights_only=True)
+        decoded = {split: (cached["images"][split], cached["labels"][split]) for split in listing}
+        if cached["classes"] != {split: list(classes) for split, classes in listing.items()}:
+            return None, "for other class folders"
+        if cached["digests"] != _cache_digests(decoded):
+            return None, "corrupt (its SHA-256 checksum does not match)"
+    except Exception as error:  # noqa: BLE001 - any unreadable cache is rebuilt
+        return None, f"unreadable ({type(error).__name__})"
+    return decoded, None
+
+
 def _decode_cached(root: Path, listing: dict[str, dict[str, list[Path]]], image_size: int, log=print) -> dict:
     """{split: (uint8 images [N, 3, S, S], labels [N])} of a scanned tree, labels indexing each
-    split's sorted classes; decoded once, then read from the cache."""
+    split's sorted classes; decoded once, then read from the cache (checksums verified)."""
     cache_path = _cache_path(root, listing, image_size)
     if cache_path.exists():
-        try:
-            cached = torch.load(cache_path, weights_only=True)
-            if cached["classes"] == {split: list(classes) for split, classes in listing.items()}:
-                return {split: (cached["images"][split], cached["labels"][split]) for split in listing}
-        except Exception:  # noqa: BLE001 - a broken cache is rebuilt
-            pass
+        cached, problem = _read_cache(cache_path, listing)
+        if cached is not None:
+            return cached
+        log(f"decode cache {cache_path} is {problem}: rebuilding it")
     log(f"decoding {root} once ({sum(len(f) for s in listing.values() for f in s.values())} images) ...")
     decoded = {}
     for split, classes in listing.items():
@@ -307,7 +332,8 @@ def _decode_cached(root: Path, listing: dict[str, dict[str, list[Path]]], image_
         _save_torch_atomic(
             {"classes": {split: list(classes) for split, classes in listing.items()},
              "images": {split: images for split, (images, _) in decoded.items()},
-             "labels": {split: labels for split, (_, labels) in decoded.items()}},
+             "labels": {split: labels for split, (_, labels) in decoded.items()},
+             "digests": _cache_digests(decoded)},
             cache_path,
         )
         log(f"cached the decoded images in {cache_path}")

@@ -171,6 +171,39 @@ def test_imagefolder_cache_key_covers_the_decode_settings(tmp_path):
     assert not any("decoding" in m for m in messages)
 
 
+def overwrite_tensor_bytes(cache_file: Path, count: int = 2000) -> None:
+    """Overwrite ``count`` bytes in the middle of the largest tensor stored in a torch.save
+    file (a zip archive whose records are stored uncompressed), as a disk fault would."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(cache_file) as archive:
+        record = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    assert record.compress_type == zipfile.ZIP_STORED and record.file_size > count
+    raw = bytearray(cache_file.read_bytes())
+    name_length, extra_length = struct.unpack("<HH", raw[record.header_offset + 26:record.header_offset + 30])
+    start = record.header_offset + 30 + name_length + extra_length + (record.file_size - count) // 2
+    raw[start:start + count] = bytes(255 - b for b in raw[start:start + count])  # every byte changes
+    cache_file.write_bytes(bytes(raw))
+
+
+def test_imagefolder_cache_with_damaged_tensor_bytes_is_rebuilt(tmp_path):
+    root = write_tree(tmp_path / "data", per_class=4, size=32)
+    fresh = load_dataset("imagefolder", str(root), image_size=32, log=lambda m: None)
+    (cache_file,) = (tmp_path / "cache").glob("imagefolder-*.pt")
+    overwrite_tensor_bytes(cache_file)
+    torch.load(cache_file, weights_only=True)  # still unpickles: only a checksum can tell
+    messages = []
+    again = load_dataset("imagefolder", str(root), image_size=32, log=messages.append)
+    rebuilt = [m for m in messages if str(cache_file) in m and "rebuilding" in m]
+    assert len(rebuilt) == 1 and "checksum" in rebuilt[0], messages
+    assert any("decoding" in m for m in messages)
+    assert torch.equal(again.train_images, fresh.train_images) and torch.equal(again.test_images, fresh.test_images)
+    messages.clear()  # the cache was rewritten whole: the next load reads it without a word
+    load_dataset("imagefolder", str(root), image_size=32, log=messages.append)
+    assert not messages
+
+
 def test_imagefolder_bad_trees(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_dataset("imagefolder", str(tmp_path / "missing"))
