@@ -47,6 +47,33 @@ def best_member(state: dict, path: Path) -> int:
     return max(range(len(val_acc)), key=val_acc.__getitem__)
 
 
+STATS_TOLERANCE = 1e-4  # absolute, per channel: the same training images give the same statistics
+
+
+def check_data(path: Path, saved: dict, data) -> None:
+    """Refuse a pivot trained on other data than the run's: other class names (same count),
+    image size or normalisation statistics. Its logits would index other classes, or it
+    would see inputs scaled unlike its training images (docs/design.md §2, pivot mode)."""
+    differing = [(i, a, b) for i, (a, b) in enumerate(zip(saved["classes"], data.classes)) if a != b]
+    if differing:
+        named = "; ".join(f"class {i} is {a!r} there, {b!r} here" for i, a, b in differing[:3])
+        more = f" (and {len(differing) - 3} more)" if len(differing) > 3 else ""
+        raise checkpoint.CheckpointError(f"--pivot {path} was trained on other classes: {named}{more}")
+    if int(saved["image_size"]) != data.image_size:
+        raise checkpoint.CheckpointError(f"--pivot {path} was trained on {saved['image_size']}x{saved['image_size']} "
+                                         f"images, this run's are {data.image_size}x{data.image_size} (--image-size)")
+    for name in ("mean", "std"):
+        there, here = saved[name].float().cpu(), getattr(data, name).float().cpu()
+        if there.shape != here.shape or (there - here).abs().max().item() > STATS_TOLERANCE:
+            raise checkpoint.CheckpointError(
+                f"--pivot {path} was trained with other normalisation statistics: {name} {_values(there)} there, "
+                f"{_values(here)} here (its training data differs from this run's)")
+
+
+def _values(tensor) -> str:
+    return "(" + ", ".join(f"{v:.4f}" for v in tensor.tolist()) + ")"
+
+
 def load_pivot(given: str, member: int | None, data) -> tuple[nn.Module, dict]:
     """The pivot model (on the CPU, in train mode) for a run on ``data`` (a Source,
     orc_fast/data.py) and a description of where it came from: {"checkpoint", "arch",
@@ -68,6 +95,8 @@ def load_pivot(given: str, member: int | None, data) -> tuple[nn.Module, dict]:
         raise checkpoint.CheckpointError(
             f"--pivot {path} was trained on {saved_classes} classes, this run's data has {num_classes}"
         )
+    if state.get("data") is not None:  # checkpoints from before it was saved: the class count only
+        check_data(path, state["data"], data)
     model = build_model(archs[index], num_classes)
     try:
         model.load_state_dict(state["models"][index])

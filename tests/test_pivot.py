@@ -235,6 +235,32 @@ def finished_run(tmp_path_factory):
     return out
 
 
+def forged_data(pivot_run: Path, path: Path, **changes) -> Path:
+    """The pivot run's checkpoint with its ``data`` entry changed (or dropped: ``data=None``)."""
+    state = checkpoint.load(pivot_run / "latest.pt")
+    state["data"] = None if changes.get("data", True) is None else {**state["data"], **changes}
+    checkpoint.save(path, {k: v for k, v in state.items() if k not in ("format", "version")})
+    return path
+
+
+def test_a_pivot_is_checked_against_the_runs_data_and_older_ones_by_class_count_only(pivot_run, tmp_path):
+    from types import SimpleNamespace
+
+    from orc_fast.pivot import load_pivot
+
+    data = checkpoint.load(pivot_run / "latest.pt")["data"]
+    run_data = SimpleNamespace(classes=list(data["classes"]), num_classes=10, image_size=16,
+                               mean=data["mean"] + 5e-5, std=data["std"].clone())
+    assert load_pivot(str(pivot_run / "latest.pt"), 0, run_data)[1]["member"] == 0  # within 1e-4: the same data
+    other = SimpleNamespace(**{**vars(run_data), "image_size": 24, "std": data["std"] * 2})
+    with pytest.raises(checkpoint.CheckpointError, match="16x16 images, this run's are 24x24"):
+        load_pivot(str(pivot_run / "latest.pt"), 0, other)
+    older = forged_data(pivot_run, tmp_path / "older.pt", data=None)  # predates the data entry
+    assert load_pivot(str(older), 0, other)[1]["member"] == 0
+    with pytest.raises(checkpoint.CheckpointError, match="was trained on 10 classes, this run's data has 3"):
+        load_pivot(str(older), 0, SimpleNamespace(**{**vars(other), "classes": ["a", "b", "c"], "num_classes": 3}))
+
+
 def pivot_bad_cases(pivot_run: Path, tmp_path: Path) -> dict:
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a checkpoint")
@@ -242,12 +268,20 @@ def pivot_bad_cases(pivot_run: Path, tmp_path: Path) -> dict:
     state = checkpoint.load(pivot_run / "latest.pt")
     state["config"] = {**state["config"], "num_classes": 3}
     checkpoint.save(other_classes, {k: v for k, v in state.items() if k not in ("format", "version")})
+    other_names = forged_data(pivot_run, tmp_path / "other_names.pt",
+                              classes=["zero", "1", "two"] + [str(c) for c in range(3, 10)])
+    data = checkpoint.load(pivot_run / "latest.pt")["data"]
+    other_stats = forged_data(pivot_run, tmp_path / "other_stats.pt", mean=data["mean"] + torch.tensor([0.0, 0.01, 0.0]))
     pivot = ["--pivot", str(pivot_run / "latest.pt")]
     return {
         "missing": (["--pivot", str(tmp_path / "none.pt")], "does not exist"),
         "empty folder": (["--pivot", str(tmp_path)], "is a folder without best.pt or latest.pt"),
         "corrupt": (["--pivot", str(corrupt)], "is corrupt or not a checkpoint"),
         "class count": (["--pivot", str(other_classes)], "was trained on 3 classes, this run's data has 10"),
+        "class names": (["--pivot", str(other_names)],
+                        "was trained on other classes: class 0 is 'zero' there, '0' here; class 2 is 'two' there, '2' here"),
+        "image size": (pivot + ["--image-size", "32"], "was trained on 16x16 images, this run's are 32x32"),
+        "normalisation": (["--pivot", str(other_stats)], "was trained with other normalisation statistics: mean ("),
         "independent": (pivot + ["--method", "independent"], "--pivot works with --method orc or kd, not independent"),
         "kd without pivot": (["--method", "kd"], "--method kd distils from a pre-trained pivot"),
         "promote without pivot": (["--promote", "1"], "--promote needs --pivot"),
@@ -262,7 +296,8 @@ def pivot_bad_cases(pivot_run: Path, tmp_path: Path) -> dict:
     }
 
 
-@pytest.mark.parametrize("case", ["missing", "empty folder", "corrupt", "class count", "independent", "kd without pivot",
+@pytest.mark.parametrize("case", ["missing", "empty folder", "corrupt", "class count", "class names", "image size",
+                                  "normalisation", "independent", "kd without pivot",
                                   "promote without pivot", "promote N", "teacher size", "member out of range",
                                   "kd unfrozen", "kd pivot lr", "frozen pivot lr", "pivot lr zero",
                                   "pivot lr without pivot"])
