@@ -35,6 +35,9 @@ REQUIRED = ("common", "methods", "seeds")
 # Flags the comparison sets per run; a protocol may not.
 PER_RUN = {dest: "is set per run by the comparison" for dest in
            ("out", "seed", "resume", "overwrite", "resume_changes", "stop_after", "progress", "pivot")}
+# Smallest values the trainer runs with; refused here because below them a run would start
+# and fail only inside its child process (docs/design.md §5.1).
+MINIMUM = {"epochs": 1, "batch_size": 2}
 
 
 @dataclass
@@ -69,6 +72,9 @@ def read_protocol(path: str) -> dict:
     seeds = protocol["seeds"]
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) or len(set(seeds)) < len(seeds):
         raise UsageError(f"protocol {path}: key 'seeds' must be a list of distinct integers")
+    negative = [s for s in seeds if s < 0]
+    if negative:
+        raise UsageError(f"protocol {path}: key 'seeds' must hold seeds >= 0, got {negative[0]}")
     if not protocol["methods"]:
         raise UsageError(f"protocol {path}: key 'methods' must list at least one method")
     return protocol
@@ -78,6 +84,7 @@ def plan_runs(protocol: dict, path: str) -> list[Run]:
     """Every run in the order they start: per seed, the pivot first, then the methods."""
     parser = build_parser()
     common = flag_values(protocol["common"], parser, f"protocol {path}, key 'common'", PER_RUN)
+    check_minimums(common, f"protocol {path}, key 'common'")
     pivot = pivot_flags(protocol.get("pivot"), common, parser, path)
     methods = method_flags(protocol["methods"], common, parser, path, has_pivot=pivot is not None)
     runs = []
@@ -89,6 +96,16 @@ def plan_runs(protocol: dict, path: str) -> list[Run]:
     return runs
 
 
+def check_minimums(flags: dict, where: str) -> dict:
+    """``flags``, once every value in MINIMUM is at least its minimum; else a UsageError
+    naming the key and ``where``."""
+    for dest, least in MINIMUM.items():
+        value = flags.get(dest)
+        if value is not None and value < least:
+            raise UsageError(f"{where}: key {dest!r} must be >= {least}, got {value}")
+    return flags
+
+
 def pivot_flags(section: dict | None, common: dict, parser, path: str) -> dict | None:
     """The pivot run's flags: the common ones, one network of ``arch``, trained alone."""
     if section is None:
@@ -97,7 +114,7 @@ def pivot_flags(section: dict | None, common: dict, parser, path: str) -> dict |
     if "arch" not in section:
         raise UsageError(f"{where}: missing key 'arch'")
     refused = {**PER_RUN, **{d: "is fixed for the pivot (one network, trained alone)" for d in ("method", "num_nets")}}
-    flags = flag_values(section, parser, where, refused)
+    flags = check_minimums(flag_values(section, parser, where, refused), where)
     return {**common, **flags, "method": "independent", "num_nets": 1}
 
 
@@ -120,7 +137,7 @@ def method_flags(entries: list, common: dict, parser, path: str, has_pivot: bool
         if uses_pivot and not has_pivot:
             raise UsageError(f"{where}: method {name!r} uses the pivot, but the protocol has no 'pivot' section")
         rest = {k: v for k, v in entry.items() if k not in ("name", "pivot")}
-        flags = {**common, **flag_values(rest, parser, where, PER_RUN)}
+        flags = {**common, **check_minimums(flag_values(rest, parser, where, PER_RUN), where)}
         if flags.get("method") == "kd" and not uses_pivot:
             raise UsageError(f"{where}: method kd distils from the pivot: add 'pivot: true'")
         methods[name] = (flags, uses_pivot)

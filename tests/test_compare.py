@@ -169,6 +169,13 @@ BAD = {
     "per-run flag": ({**TINY, "common": {**COMMON, "seed": 3}}, "'seed' is set per run"),
     "seeds not integers": ({**TINY, "seeds": ["a"]}, "key 'seeds' must be a list of distinct integers"),
     "methods not a list": ({**TINY, "methods": {"name": "x"}}, "key 'methods' must be a list"),
+    "negative seed": ({**TINY, "seeds": [0, -1]}, "key 'seeds' must hold seeds >= 0, got -1"),
+    "zero epochs in common": ({**TINY, "common": {**COMMON, "epochs": 0}}, "key 'common': key 'epochs' must be >= 1, got 0"),
+    "zero epochs in a method": ({**TINY, "methods": [{"name": "dml", "method": "dml", "epochs": 0}]},
+                                "key 'methods[0]': key 'epochs' must be >= 1, got 0"),
+    "zero epochs for the pivot": ({**TINY, "pivot": {"arch": "resnet8", "epochs": 0}},
+                                  "key 'pivot': key 'epochs' must be >= 1, got 0"),
+    "batch of one": ({**TINY, "common": {**COMMON, "batch_size": 1}}, "key 'batch_size' must be >= 2, got 1"),
 }
 
 
