@@ -65,7 +65,9 @@ def metadata(run: TrainedRun, description: str, index: int | None) -> dict:
         "classes": run.classes, "image_size": run.image_size, "mean": run.mean.tolist(), "std": run.std.tolist(),
         "model": description, "member": "ensemble" if index is None else index,
         "archs": run.config["archs"] if index is None else [run.config["archs"][index]],
-        "trained": {"checkpoint": str(run.path), "epoch": run.epoch, "method": run.config["method"],
+        # The checkpoint's name within its run folder: an absolute path would tell where the
+        # file was made and mean nothing where it is used (docs/design.md §5).
+        "trained": {"checkpoint": run.path.name, "epoch": run.epoch, "method": run.config["method"],
                     "dataset": run.config["dataset"], "accuracy": accuracy},
     }
 

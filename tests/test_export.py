@@ -78,6 +78,25 @@ def test_an_exported_member_reproduces_its_test_accuracy_in_a_fresh_process(run,
     assert results[ensemble.name]["info"]["member"] == "ensemble"
 
 
+def string_values(value):
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in string_values(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in string_values(v)]
+    return [value] if isinstance(value, str) else []
+
+
+def test_the_export_carries_no_path_of_the_machine_it_was_made_on(run, capsys, tmp_path):
+    out = tmp_path / "model.pt2"
+    assert export(capsys, run / "best.pt", "--member", "0", "--out", out)[0] == 0
+    meta = {"orc_fast.json": ""}
+    torch.export.load(out, extra_files=meta)
+    info = json.loads(meta["orc_fast.json"])
+    assert info["trained"]["checkpoint"] == "best.pt"  # named within its run folder
+    assert not [s for s in string_values(info) if s.startswith("/") or str(run) in s or str(tmp_path) in s]
+    assert str(run).encode() not in out.read_bytes()
+
+
 def test_existing_output_is_refused_unless_overwrite(run, capsys, tmp_path):
     out = tmp_path / "model.pt2"
     out.write_bytes(b"keep me")
