@@ -288,7 +288,9 @@ class GroupStep:
     # ---------------------------------------------------------------- the step
 
     def __call__(self, images: torch.Tensor, target: torch.Tensor) -> StepOutput:
-        return self.strategy.run(self._step, images, target)  # auto times whole steps here
-
-    def _step(self, images: torch.Tensor, target: torch.Tensor) -> StepOutput:
-        return self.method.step(self, images, target)
+        """One step: the method's forward, losses, backward and optimizer steps; the strategy
+        sees it whole (``auto`` times it)."""
+        self.strategy.before_step()
+        output = self.method.step(self, images, target)
+        self.strategy.after_step()
+        return output

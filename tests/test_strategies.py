@@ -49,15 +49,43 @@ def batches(count, seed=1):
                torch.randint(0, CLASSES, (BATCH,), generator=generator))
 
 
-def train_steps(models, strategy, steps=3, compile=False, **options):
-    """Copies of ``models`` trained ``steps`` steps under ``strategy``: (models, optimizers, step, outputs)."""
+# Strategies compute the same mathematics in another order, so their logits differ by ~1e-6:
+# a ranking decided by less than this could go either way, and a comparison of strategies
+# must not sit on such a near-tie (see ranking_margins).
+NEAR_TIE = 1e-4
+
+
+def train_steps(models, strategy, steps=3, compile=False, data_seed=1, **options):
+    """Copies of ``models`` trained ``steps`` steps under ``strategy``: (models, optimizers, step, outputs).
+    ``step.margins`` holds, per ranked step, how far the ranking was from a near-tie."""
     models = copy.deepcopy(models)
     optimizers = sgd(models)
     np.random.seed(0)  # --error-mixup draws its mixing weight from numpy's global generator
     config = StepConfig(strategy=strategy, compile=compile, teacher_size=len(models) // 2, **options)
     step = GroupStep(models, optimizers, config, "cpu", torch.Generator().manual_seed(0))
-    outputs = [step(x, y) for x, y in batches(steps)]
+    record_margins(step)
+    outputs = [step(x, y) for x, y in batches(steps, data_seed)]
     return models, optimizers, step, outputs
+
+
+def record_margins(step) -> None:
+    """Wrap ``step.rank`` to keep the smallest gap that decided each step's roles: between each
+    member's top two logits (a top-1 error score flips with the argmax) and between the
+    boundary scores (the last teacher and the first student), where they are not exactly tied
+    (an exact tie is broken by member index, the same in every strategy)."""
+    step.margins = []
+    rank = step.rank
+
+    def recording(logits, target, best):
+        roles = rank(logits, target, best)
+        top2 = logits.detach().float().topk(2, dim=-1).values
+        scores = step.scores.average / (1.0 - step.scores.momentum ** step.scores.steps)
+        ordered = scores.sort().values
+        gap = (ordered[best] - ordered[best - 1]).abs().item() if 0 < best < len(ordered) else float("inf")
+        step.margins.append(min((top2[..., 0] - top2[..., 1]).min().item(), gap if gap > 0 else float("inf")))
+        return roles
+
+    step.rank = recording
 
 
 def assert_same_training_state(models, optimizers, reference_models, reference_optimizers, atol=ATOL, rtol=RTOL):
@@ -84,11 +112,24 @@ _REFERENCE: dict = {}
 
 
 def sequential_reference(group: str, steps: int = 3, **options):
-    """The sequential run of a group, computed once per module (tests only read it)."""
+    """The sequential run of a group, computed once per module (tests only read it), on the
+    first data seed (``reference_seed``) whose rankings are nowhere near a tie."""
     key = (group, steps, tuple(sorted(options.items())))
     if key not in _REFERENCE:
-        _REFERENCE[key] = train_steps(make_group(GROUPS[group]), "sequential", steps=steps, **options)
-    return _REFERENCE[key]
+        for seed in range(1, 21):
+            run = train_steps(make_group(GROUPS[group]), "sequential", steps=steps, data_seed=seed, **options)
+            if min(run[2].margins, default=float("inf")) > NEAR_TIE:
+                _REFERENCE[key] = run, seed
+                break
+        else:
+            raise AssertionError(f"no data seed in 1..20 ranks {key} clear of near-ties")
+    return _REFERENCE[key][0]
+
+
+def reference_seed(group: str, steps: int = 3, **options) -> int:
+    """The data seed of ``sequential_reference`` (the compared run must train on the same batches)."""
+    sequential_reference(group, steps, **options)
+    return _REFERENCE[(group, steps, tuple(sorted(options.items())))][1]
 
 
 def option_id(options):
@@ -103,7 +144,8 @@ def option_id(options):
 @pytest.mark.parametrize("strategy", ["fused", "streams"])
 def test_strategy_matches_sequential_after_three_steps(strategy, group, options):
     expected_models, expected_optimizers, _, expected_out = sequential_reference(group, **options)
-    got_models, got_optimizers, _, got_out = train_steps(make_group(GROUPS[group]), strategy, **options)
+    got_models, got_optimizers, _, got_out = train_steps(make_group(GROUPS[group]), strategy,
+                                                         data_seed=reference_seed(group, **options), **options)
     assert_same_training_state(got_models, got_optimizers, expected_models, expected_optimizers)
     for got, expected in zip(got_out, expected_out):
         assert torch.equal(got.roles, expected.roles)
@@ -121,7 +163,8 @@ def test_fused_keeps_running_statistics_per_member():
 def test_auto_switches_strategies_on_the_same_weights():
     """auto's measured steps are real steps: switching layouts mid-run changes nothing."""
     models = make_group(MIXED)
-    got_models, got_optimizers, step, _ = train_steps(models, "auto", steps=7, method="orc")
+    got_models, got_optimizers, step, _ = train_steps(models, "auto", steps=7, method="orc",
+                                                      data_seed=reference_seed("mixed", steps=7, method="orc"))
     auto = step.strategy
     assert isinstance(auto, AutoStrategy) and auto.ready
     assert [c.name for c in auto.candidates] == ["sequential", "fused"]  # streams only on CUDA
@@ -185,18 +228,21 @@ def test_fused_members_stay_in_sync_for_evaluation_and_checkpoints():
 def test_fused_resumes_from_loaded_members_and_optimizers():
     """Train 2 steps, checkpoint, load into a fresh fused group, 1 more step == 3 sequential steps."""
     models = make_group(MIXED)
-    first, first_optimizers, _, _ = train_steps(models, "fused", steps=2)
+    # Ranked by CE: the resumed group's tie rotation restarts (its score state is not loaded here).
+    seed = reference_seed("mixed", method="orc", rank_by="ce")
+    first, first_optimizers, _, _ = train_steps(models, "fused", steps=2, data_seed=seed, rank_by="ce")
     state = copy.deepcopy({"models": [m.state_dict() for m in first], "optimizers": [o.state_dict() for o in first_optimizers]})
     resumed = make_group(MIXED, seed=7)
     optimizers = sgd(resumed)
-    step = GroupStep(resumed, optimizers, StepConfig(strategy="fused", teacher_size=len(MIXED) // 2), "cpu", None)
+    step = GroupStep(resumed, optimizers, StepConfig(strategy="fused", teacher_size=len(MIXED) // 2, rank_by="ce"),
+                     "cpu", None)
     step(*next(batches(1, seed=99)))  # bind the stacked layout first: a load must still win afterwards
     for model, optimizer, model_state, optimizer_state in zip(resumed, optimizers, state["models"], state["optimizers"]):
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state)
-    x, y = list(batches(3))[2]
+    x, y = list(batches(3, seed))[2]
     step(x, y)
-    expected_models, expected_optimizers, _, _ = sequential_reference("mixed", method="orc")
+    expected_models, expected_optimizers, _, _ = sequential_reference("mixed", method="orc", rank_by="ce")
     assert_same_training_state(resumed, optimizers, expected_models, expected_optimizers)
 
 
