@@ -11,6 +11,7 @@ checks the format before anything is used.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -29,13 +30,41 @@ MANIFEST_FORMAT = "orc_fast.train member-parallel checkpoint"
 MANIFEST_VERSION = 1
 
 
+class WriteError(RuntimeError):
+    """A file of the run could not be written (disk full, read-only folder, no permission):
+    one line naming the path and the cause."""
+
+
+def write_failure(path, error: BaseException) -> WriteError:
+    """The one-line WriteError for ``error`` raised while writing ``path``: the operating
+    system's reason, also where torch.save wrapped it in a RuntimeError."""
+    cause = error
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, OSError) and cause.strerror:
+        reason = cause.strerror
+    else:
+        text = str(error)
+        known = [os.strerror(code) for code in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EIO)]
+        reason = next((k for k in known if k in text), text.strip().splitlines()[-1] if text.strip() else type(error).__name__)
+    return WriteError(f"cannot write {path}: {reason}")
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read, or that does not belong to this run."""
 
 
 def write_atomic(path: str | os.PathLike, write) -> None:
-    """Call ``write(handle)`` on a temp file next to ``path``, fsync, then rename over ``path``."""
+    """Call ``write(handle)`` on a temp file next to ``path``, fsync, then rename over ``path``.
+    A failure leaves ``path`` as it was, removes the temp file and raises WriteError."""
     path = Path(path)
+    try:
+        _write_atomic(path, write)
+    except (OSError, RuntimeError) as error:
+        raise write_failure(path, error) from None
+
+
+def _write_atomic(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

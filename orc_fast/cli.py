@@ -8,7 +8,9 @@ line ``PROG: error: ...`` on stderr and exit code 2 (``run_main``).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from . import methods
 from .backends import BACKENDS
@@ -234,14 +236,53 @@ def add_run_flags(g) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    """Flags, with --config's YAML values as defaults that the command line overrides."""
+    """Flags. Under --resume the run's own flags (from its checkpoint) are the defaults, then
+    --config's YAML values, and the command line overrides both: what is given is a change."""
     parser = build_parser()
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
+    pre.add_argument("--resume", nargs="?", const="latest", default=None)
+    pre.add_argument("--out", default=None)
     known, _ = pre.parse_known_args(argv)
+    if known.resume:
+        parser.set_defaults(**resumed_flags(known.resume, known.out, parser))
     if known.config:
         parser.set_defaults(**read_config(known.config, parser))
     return parser.parse_args(argv)
+
+
+# Flags a resumed run does not take from its checkpoint: this invocation's own business.
+NOT_RESUMED = ("config", "resume", "resume_changes", "overwrite", "stop_after", "out", "device", "progress", "help",
+               "download")
+
+
+def resumed_flags(resume: str, out: str | None, parser: argparse.ArgumentParser) -> dict:
+    """The flag values the checkpoint's run was started with ({dest: value}), read from its
+    recorded config; {} where there is no readable checkpoint (the resume itself then says
+    why). The temperature and alpha count only where that run gave them (its record holds
+    the method's defaults otherwise, and a given alpha means the alpha form)."""
+    from . import checkpoint
+    from .run_folder import RunFolder
+
+    path = Path(resume) if resume != "latest" else (RunFolder(out).checkpoint_file() if out else None)
+    try:
+        if path is not None and path.suffix == ".json":  # member-parallel: any rank file holds the config
+            path = path.parent / json.loads(path.read_text())["files"][0]
+        record = checkpoint.load(path)["config"] if path is not None and path.is_file() else {}
+    except (checkpoint.CheckpointError, OSError, ValueError, KeyError, IndexError, TypeError):
+        record = {}
+    given = set(record.get("loss_overrides") or ())
+    name = record.get("method")
+    reads = methods.get(name, pivot=record.get("pivot") is not None).reads if name in methods.REGISTRY else ()
+    flags = {}
+    for action in parser._actions:
+        dest, value = action.dest, record.get(action.dest)
+        if dest in NOT_RESUMED or value is None or (dest in methods.method_flags() and dest not in reads):
+            continue  # not this invocation's, not recorded, or a flag the run's method does not read
+        if dest in ("temperature", "alpha") and f"--{dest}" not in given:
+            continue
+        flags[dest] = ",".join(map(str, value)) if isinstance(value, list) else value
+    return flags
 
 
 def read_config(path: str, parser: argparse.ArgumentParser) -> dict:

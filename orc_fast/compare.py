@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -200,35 +199,7 @@ def check_unchanged(runs: list[Run], out: Path) -> None:
 def take_lock(out: Path) -> Path:
     """OUT/compare.lock holding this process's pid; one comparison per folder at a time (a
     lock whose process is gone is taken over)."""
-    lock = out / "compare.lock"
-    out.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and pid_alive(pid):
-                raise UsageError(f"{out} is in use by another comparison (pid {pid}, {lock}); wait for it, or "
-                                 "remove the lock if that process is not a comparison") from None
-            lock.unlink(missing_ok=True)  # stale: its process is gone
-            continue
-        with os.fdopen(fd, "w") as handle:
-            handle.write(f"{os.getpid()}\n")
-        return lock
-    raise UsageError(f"cannot take the lock {lock}")
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return RunFolder(out).lock("compare", "comparison")
 
 
 # ---------------------------------------------------------------------------- running

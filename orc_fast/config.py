@@ -255,11 +255,6 @@ def group_archs(flags: dict) -> tuple[list[str], int]:
     return archs, len(archs)
 
 
-# Flags that only some methods read (``Method.reads``): another method would silently ignore them.
-METHOD_FLAGS = tuple(dict.fromkeys(flag for name in methods.names() for variant in
-                                   (methods.get(name), methods.get(name, pivot=True)) for flag in variant.reads))
-
-
 def unused_flags(flags: dict, method: methods.Method) -> list[str]:
     """The method-owned flags set away from their defaults that ``method`` does not read."""
     from .cli import build_parser
@@ -270,7 +265,7 @@ def unused_flags(flags: dict, method: methods.Method) -> list[str]:
         value, default = flags[dest], parser.get_default(dest)
         return value != default and not (default is None and value is False)
 
-    ignored = [dest for dest in METHOD_FLAGS if dest not in method.reads and dest not in ("pivot", *PIVOT_FLAGS)]
+    ignored = [dest for dest in methods.method_flags() if dest not in method.reads and dest not in ("pivot", *PIVOT_FLAGS)]
     return ["--" + dest.replace("_", "-") for dest in ignored if given(dest)]
 
 
@@ -291,6 +286,8 @@ def check_numbers(flags: dict) -> None:
         (flags["train_subset"] >= 0, f"--train-subset must be >= 0, got {flags['train_subset']}"),
         (flags["val_split"] >= -1, f"--val-split must be >= 0 (or -1 for 10%), got {flags['val_split']}"),
         (flags["dist_timeout"] > 0, f"--dist-timeout must be > 0, got {flags['dist_timeout']}"),
+        (flags["seed"] >= 0, f"--seed must be >= 0, got {flags['seed']}"),
+        (flags["eval_batch_size"] >= 1, f"--eval-batch-size must be >= 1, got {flags['eval_batch_size']}"),
         (flags["max_skipped_steps"] is None or flags["nan_policy"] == "skip-step",
          "--max-skipped-steps needs --nan-policy skip-step (under stop, the first bad step ends the run)"),
         (flags["max_skipped_steps"] is None or flags["max_skipped_steps"] >= 0,
@@ -306,6 +303,10 @@ def schedule_milestones(flags: dict) -> list[int]:
         milestones = sorted(int(m) for m in flags["milestones"].split(",") if m.strip())
     except ValueError:
         raise UsageError(f"--milestones must be a comma list of epochs, got {flags['milestones']!r}") from None
+    past = [m for m in milestones if not 0 <= m <= flags["epochs"]]
+    if past:
+        raise UsageError(f"--milestones {', '.join(map(str, past))} lie past --epochs {flags['epochs']} (a milestone "
+                         f"is the epoch where the lr drops: each must lie in [0, {flags['epochs']}])")
     return milestones or sorted({round(flags["epochs"] * f) for f in (0.625, 0.75, 0.875)})
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import urllib.error
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,6 +186,10 @@ def _cifar(name: str, data_dir: str | None, download: bool, image_size: int):
         except RuntimeError as error:  # torchvision: "Dataset not found or corrupted"
             hint = "" if download else " (add --download to fetch it)"
             raise DataError(f"{name} not found in {root}: {error}{hint}") from None
+        except (urllib.error.URLError, OSError) as error:  # no network, a full or read-only folder
+            reason = getattr(error, "reason", None) or error
+            reason = getattr(reason, "strerror", None) or str(reason)
+            raise DataError(f"cannot download {name} into {root}: {reason}") from None
         images = torch.from_numpy(np.asarray(split.data)).permute(0, 3, 1, 2).contiguous()
         splits += [_resize_uint8(images, image_size), torch.tensor(split.targets, dtype=torch.long)]
     return list(split.classes), *splits

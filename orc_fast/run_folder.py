@@ -12,6 +12,8 @@ Every writer here is atomic (orc_fast/checkpoint.py): a crash leaves the old fil
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 from . import checkpoint
@@ -24,6 +26,7 @@ class RunFolder:
     LATEST_MANIFEST, BEST_MANIFEST = "latest.json", "best.json"
     # What marks a folder as holding a run.
     RUN_FILES = (METRICS, LATEST, BEST, LATEST_MANIFEST, BEST_MANIFEST)
+    LOCK = "train.lock"
 
     def __init__(self, path):
         self.path = Path(path)
@@ -100,6 +103,56 @@ class RunFolder:
 
     # ---------------------------------------------------------------- writing
 
+    def lock(self, name: str = "train", what: str = "trainer") -> Path:
+        """``<name>.lock`` holding this process's pid: one ``what`` per folder at a time. A lock
+        whose process is gone is taken over; a live one is a UsageError naming its pid. The
+        caller removes the file when done (``unlock``)."""
+        lock = self.path / f"{name}.lock"
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            for _ in range(2):
+                try:
+                    fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                except FileExistsError:
+                    pid = _lock_owner(lock)
+                    if pid and pid != os.getpid() and pid_alive(pid):
+                        raise UsageError(f"{self.path} is in use by another {what} (pid {pid}, {lock}); wait for it, "
+                                         f"or remove the lock if that process is not a {what}") from None
+                    lock.unlink(missing_ok=True)  # stale: its process is gone
+                    continue
+                with os.fdopen(fd, "w") as handle:
+                    handle.write(f"{os.getpid()}\n")
+                return lock
+        except OSError as error:
+            raise checkpoint.write_failure(lock, error) from None
+        raise UsageError(f"cannot take the lock {lock}")
+
+    @staticmethod
+    def unlock(lock: Path) -> None:
+        if _lock_owner(lock) == os.getpid():
+            lock.unlink(missing_ok=True)
+
+    def clear(self) -> list[str]:
+        """Remove an earlier run's files (``--overwrite``) before this run writes anything, so
+        the folder never mixes two runs; the names removed."""
+        removed = []
+        names = (*self.RUN_FILES, self.CURVES)
+        for path in [*(self.path / n for n in names), *self.path.glob("epoch*.rank*.pt"), *self.path.glob(".*.tmp")]:
+            if path.is_file():
+                path.unlink()
+                removed.append(path.name)
+        if self.tensorboard.is_dir():
+            shutil.rmtree(self.tensorboard)
+            removed.append(self.TENSORBOARD)
+        return removed
+
+    def check_writable(self) -> None:
+        """Write and remove a small file, so a folder that cannot take a checkpoint (read-only,
+        full, not ours) is said before any training; WriteError otherwise."""
+        probe = self.path / ".write-test"
+        checkpoint.write_atomic(probe, lambda handle: handle.write(b"orc_fast"))
+        probe.unlink(missing_ok=True)
+
     def check_free(self, resuming: bool, overwrite: bool) -> None:
         """Refuse, before any work, a folder that is a file, or that holds a run this one would
         overwrite (unless --resume continues it or --overwrite says so)."""
@@ -130,3 +183,20 @@ class RunFolder:
         epochs = written.get("epochs") if written else None
         if not isinstance(epochs, list) or len(epochs) < len(metrics["epochs"]):
             self.write_metrics(metrics)
+
+
+def _lock_owner(lock: Path) -> int:
+    try:
+        return int(lock.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

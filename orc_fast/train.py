@@ -68,6 +68,9 @@ def main(argv=None) -> int:
     except (NonFiniteLoss, distributed.GroupFailure) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 1
+    except checkpoint.WriteError as error:  # disk full, read-only, no permission
+        print(f"{PROG}: error: {error}; {kept_checkpoint(config)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\n" + interrupted_message(config.run.out if config else None), file=sys.stderr)
         return 130
@@ -79,7 +82,18 @@ def run(config: RunConfig) -> dict:
     placement = start_process(config)
     config = config.updated(**placement.settings())
     folder = RunFolder(config.run.out)
+    lock = take_folder(config, folder) if placement.is_main else None
+    try:
+        return run_in(config, placement, folder)
+    finally:
+        if lock is not None:
+            folder.unlock(lock)
+
+
+def run_in(config: RunConfig, placement, folder: RunFolder) -> dict:
+    """The run, once its folder is this process's."""
     data = load_data(config)
+    check_batch_size(config, data)
     config = config.updated(num_classes=data.num_classes, train_size=data.size("train"), val_size=data.size("val"),
                             test_size=data.size("test"))
     training, config = build(config, placement, data)
@@ -105,6 +119,42 @@ def run(config: RunConfig) -> dict:
 
 
 # ============================================================================ building the run
+
+
+def take_folder(config: RunConfig, folder: RunFolder):
+    """Lock the run folder (one trainer at a time), clear an earlier run under --overwrite,
+    and make sure a checkpoint can be written there, all before any training; the lock."""
+    lock = folder.lock()
+    try:
+        if config.run.overwrite and not config.run.resume:
+            removed = folder.clear()
+            if removed:
+                print(f"--overwrite: removed the earlier run's {', '.join(removed)} from {folder}")
+        folder.check_writable()
+    except BaseException:
+        folder.unlock(lock)
+        raise
+    return lock
+
+
+def check_batch_size(config: RunConfig, data: Source) -> None:
+    train_size = data.size("train")
+    if config.optim.batch_size > train_size:
+        raise UsageError(f"--batch-size {config.optim.batch_size} is larger than the {train_size} training images")
+
+
+def kept_checkpoint(config: RunConfig | None) -> str:
+    """What a failed write leaves: the last complete checkpoint, or none."""
+    if config is None:
+        return "nothing was written"
+    folder = RunFolder(config.run.out)
+    try:
+        epoch = folder.saved_epoch()
+    except checkpoint.CheckpointError:
+        epoch = None
+    if epoch is None:
+        return "there is no complete checkpoint to resume"
+    return f"the last complete checkpoint, {folder.checkpoint_file()} (epoch {epoch}), is kept"
 
 
 def start_process(config: RunConfig):

@@ -33,6 +33,12 @@ def names() -> tuple[str, ...]:
     return tuple(REGISTRY)
 
 
+def method_flags() -> tuple[str, ...]:
+    """Every flag some method reads (``Method.reads``): another method would silently ignore it."""
+    variants = [v for m in REGISTRY.values() for v in (m, m.pivot_variant) if v is not None]
+    return tuple(dict.fromkeys(flag for variant in variants for flag in variant.reads))
+
+
 def get(name: str, pivot: bool = False) -> Method:
     """The method called ``name``; with ``pivot``, its pivot-mode variant where it has one."""
     if name not in REGISTRY:
@@ -45,4 +51,4 @@ for _method in (OrcPeer(), Independent(), KD(), DML(), KDCL()):
     register(_method)
 
 __all__ = ["REGISTRY", "Method", "MethodDefaults", "MemberLosses", "StepOutput", "OrcPivot", "get", "loss_form",
-           "names", "register", "unregister"]
+           "method_flags", "names", "register", "unregister"]
