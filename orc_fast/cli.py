@@ -191,10 +191,10 @@ def add_run_flags(g) -> None:
                    "auto (times a few real steps of each, keeps the fastest)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the members' forward (and so their backward); the first steps compile")
-    g.add_argument("--precision", choices=PRECISIONS, default="fp32",
+    g.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="training and evaluation precision: forwards under autocast in bf16 or fp16 (fp16 with a "
-                   "dynamic loss scale), the loss and the weights in fp32; auto: bf16 on CUDA sm_80+ and on CPUs "
-                   "with AMX/AVX512-BF16, else fp32")
+                   "dynamic loss scale), the loss and the weights in fp32; auto: bf16 where the hardware runs it "
+                   "fast (CUDA sm_80+, CPUs with AMX/AVX512-BF16), else fp32; the run prints what it chose and why")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="models and batches in channels-last memory format (default: where it measured faster: "
                    "CUDA; CPU in fp32; CPU bf16 with AMX)")

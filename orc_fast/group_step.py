@@ -51,7 +51,10 @@ class StepConfig:
     promote: int | None = None  # pivot mode: students promoted into the teacher group each step
     pivot_lr_scale: float | None = None  # a training pivot's lr over the group's
     backend: str = "auto"
-    strategy: str = "sequential"  # how members run: orc_fast/strategies.py
+    strategy: str = "sequential"  # how members run: orc_fast/strategies/
+    # True: never read a device value on the host inside a step (torch.compile(fullgraph),
+    # CUDA graphs); the error batch then runs through every member, not the teachers alone.
+    sync_free: bool = False
     compile: bool = False  # torch.compile the members' forward (and so their backward)
     precision: str = "fp32"  # fp32, bf16 or fp16 (resolved; orc_fast/precision.py)
 
@@ -231,23 +234,48 @@ class GroupStep:
         """1.0 for the ``best`` members by (smoothed) batch score; ties rotate with the step."""
         return self.scores.rank(batch_scores(logits, target, self.config.rank_by), best)
 
-    def mixed_ce(self, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def mixed_ce(self, images: torch.Tensor, target: torch.Tensor, teachers: torch.Tensor) -> torch.Tensor:
         """``--error-mixup``'s CE [N, B] (N + 1 rows with a pivot) on the batch mixed with itself.
 
-        Every member sees the mixed batch (roles are not known on the host); only the
-        teachers' error rows carry weight in the loss. A frozen pivot gets a zero row.
+        Only the teachers' rows carry weight in the loss (``teachers`` [N] 0/1; a pivot is
+        always one), so only the teachers run the mixed batch: one small read of the roles on
+        the host per step, and the students' rows are zeros. Where no host read is allowed
+        (``sync_free``), under member-parallel placement, or with a strategy that runs only
+        the whole group (fused), every member runs it (the same values: a zero weight). A
+        frozen pivot gets a zero row.
         """
         cfg = self.config
         lam = float(np.random.beta(cfg.mixup_alpha, cfg.mixup_alpha))
         mixed_images, target_b = mixup(images, target, lam, self.generator)
+        trains_pivot = self.pivot is not None and self.pivot_optimizer is not None
         with preserved_buffers(self.trained_modules()[0]), autocast(cfg.precision, self.device):
-            mixed_logits = self.forward(mixed_images)
-            if self.pivot is not None and self.pivot_optimizer is not None:
-                mixed_logits = torch.cat([mixed_logits, self.pivot(mixed_images)[None].to(mixed_logits.dtype)])
-        mixed = mixed_cross_entropy(mixed_logits, target, target_b, lam)
-        if self.pivot is not None and self.pivot_optimizer is None:
+            logits, rows = self._mixed_member_logits(mixed_images, teachers)
+            if trains_pivot:
+                pivot_logits = self.pivot(mixed_images)[None]
+                logits = pivot_logits if logits is None else torch.cat([logits, pivot_logits.to(logits.dtype)])
+                rows = None if rows is None else [*rows, self.num_members]
+        full = torch.zeros((self.num_members + trains_pivot, len(target)), dtype=torch.float32, device=target.device)
+        if logits is None:  # nobody teaches this step (a frozen pivot, no student promoted)
+            mixed = full
+        else:
+            mixed = mixed_cross_entropy(logits, target, target_b, lam)
+            if rows is not None:  # the teachers' rows (and a training pivot's, last) into the group's [N (+1), B]
+                mixed = full.index_copy(0, torch.tensor(rows, device=mixed.device), mixed)
+        if self.pivot is not None and not trains_pivot:
             mixed = torch.cat([mixed, torch.zeros_like(mixed[:1])])
         return mixed
+
+    def _mixed_member_logits(self, images: torch.Tensor, teachers: torch.Tensor):
+        """(logits, rows): the teacher members' logits on the mixed batch and their rows (None
+        and [] when no member teaches), or every member's logits and rows None."""
+        if not self.config.sync_free and self.placement is None:
+            members = torch.nonzero(teachers).flatten().tolist()  # the step's one host read
+            if not members:
+                return None, []
+            logits = self.strategy.forward_members(images, members)
+            if logits is not None:
+                return logits, members
+        return self.forward(images), None
 
     def backward_and_step(self, loss: torch.Tensor, apply: torch.Tensor | None = None,
                           retain_graph: bool = False) -> None:

@@ -57,10 +57,10 @@ def resolve_precision(name: str, device: torch.device) -> tuple[str, str]:
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         if major >= 8:
-            return "bf16", f"auto: CUDA sm_{major}{minor} runs bf16 natively"
+            return "bf16", f"auto: CUDA sm_{major}{minor} runs bf16 natively; --precision fp32 for full precision"
         return "fp32", f"auto: CUDA sm_{major}{minor} has no fast bf16"
     if device.type == "cpu" and cpu_has_fast_bf16():
-        return "bf16", "auto: this CPU has AMX/AVX512-BF16"
+        return "bf16", "auto: this CPU has AMX/AVX512-BF16; --precision fp32 for full precision"
     return "fp32", f"auto: no fast bf16 on {device.type}"
 
 

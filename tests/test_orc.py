@@ -391,11 +391,12 @@ def test_one_step_of_every_method_updates_every_member(options):
 
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 def test_step_never_reads_device_values(options):
-    """On the meta device any host read (.item(), bool(), .tolist()) raises: the step is sync-free."""
+    """On the meta device any host read (.item(), bool(), .tolist()) raises: a sync_free step
+    (what CUDA graphs and fullgraph compiles need) never reads one."""
     models, _ = make_group()
     models = [m.to("meta") for m in models]
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4) for m in models]
-    step = GroupStep(models, optimizers, StepConfig(**options), "meta", None)
+    step = GroupStep(models, optimizers, StepConfig(**options, sync_free=True), "meta", None)
     x = torch.empty(8, 3, 6, 6, device="meta")
     y = torch.empty(8, dtype=torch.long, device="meta")
     out = step(x, y)

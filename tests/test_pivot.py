@@ -6,6 +6,7 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -143,7 +144,8 @@ def test_pivot_step_never_reads_device_values(options):
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in models]
     pivot = Tiny().to("meta")
     pivot_optimizer = torch.optim.SGD(pivot.parameters(), lr=0.1) if options["method"] == "orc" else None
-    step = GroupStep(models, optimizers, StepConfig(**options), "meta", None, pivot=pivot, pivot_optimizer=pivot_optimizer)
+    step = GroupStep(models, optimizers, StepConfig(**options, sync_free=True), "meta", None, pivot=pivot,
+                     pivot_optimizer=pivot_optimizer)
     out = step(torch.empty(8, 3, 6, 6, device="meta"), torch.empty(8, dtype=torch.long, device="meta"))
     assert out.losses.device.type == "meta" and out.roles.shape == (3,)
 
@@ -309,3 +311,56 @@ def test_bad_pivot_input_is_one_line_exit_2_and_overwrites_nothing(case, pivot_r
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and message in lines[0], lines
     assert snapshot(out) == before
+
+
+# ---------------------------------------------------------------------------- the error batch
+
+
+@pytest.mark.parametrize("mode, options", [
+    ("peer", {"method": "orc", "error_mixup": True, "teacher_size": 2}),
+    ("peer", {"method": "orc", "error_mixup": True, "teacher_size": 1, "rank_momentum": 0.5, "rank_by": "ce"}),
+    ("pivot refined", {"method": "orc", "promote": 1}),
+    ("pivot refined", {"method": "orc", "promote": 2}),
+    ("pivot frozen", {"method": "orc", "promote": 0}),
+    ("pivot frozen", {"method": "orc", "promote": 1}),
+])
+def test_only_the_teachers_run_the_error_batch_with_the_same_result(mode, options):
+    """The mixed error batch through the teacher group alone (one host read of the roles)
+    trains exactly as through every member (sync_free, where the students' rows weigh 0):
+    float64 parameters and momenta after three steps, and the forwards actually saved."""
+    def run(sync_free):
+        torch.set_default_dtype(torch.float64)
+        try:
+            models, optimizers = make_group(4)
+            pivot, pivot_optimizer = pivot_net(mode == "pivot refined") if mode != "peer" else (None, None)
+        finally:
+            torch.set_default_dtype(torch.float32)
+        counts = [0] * (len(models) + 1)
+        for i, module in enumerate([*models, *([pivot] if pivot is not None else [])]):
+            module.register_forward_hook(lambda *_, i=i: counts.__setitem__(i, counts[i] + 1))
+        np.random.seed(0)
+        step = GroupStep(models, optimizers, StepConfig(**options, sync_free=sync_free), "cpu",
+                         torch.Generator().manual_seed(0), pivot=pivot, pivot_optimizer=pivot_optimizer)
+        roles = []
+        for seed in (1, 2, 3):
+            x, y = batch(seed)
+            roles.append(step(x.double(), y).roles)
+        trained = [*models, *([pivot] if pivot is not None else [])]
+        momenta = [o.state[p]["momentum_buffer"] for o in [*optimizers, *([pivot_optimizer] if pivot_optimizer else [])]
+                   for p in o.param_groups[0]["params"]]
+        return trained, momenta, roles, counts
+
+    every, every_momenta, every_roles, every_counts = run(sync_free=True)
+    teachers, teacher_momenta, teacher_roles, teacher_counts = run(sync_free=False)
+    for a, b in zip(every_roles, teacher_roles):
+        assert torch.equal(a, b)
+    for a, b in zip(every, teachers):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            torch.testing.assert_close(y, x, rtol=1e-12, atol=1e-12, msg=name)
+    for a, b in zip(every_momenta, teacher_momenta):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    # Through every member: 2 forwards per member and step. Through the teachers alone: a
+    # student's mixed forward is saved.
+    student_steps = sum(4 - int(r.sum().item()) for r in every_roles)
+    assert sum(every_counts[:4]) == 2 * 3 * 4
+    assert sum(teacher_counts[:4]) == 2 * 3 * 4 - student_steps > 0

@@ -116,7 +116,7 @@ class OrcPeer(Method):
         cfg = step.config
         logits = step.forward(images)
         roles = step.rank(logits, target, step.teacher_size)
-        mixed_ce = step.mixed_ce(images, target) if cfg.error_mixup else None
+        mixed_ce = step.mixed_ce(images, target, roles) if cfg.error_mixup else None
         if not cfg.refresh_teachers:
             losses = step_losses(step, logits, target, roles, mixed_ce=mixed_ce)
             step.backward_and_step(losses.total)

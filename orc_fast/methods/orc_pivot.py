@@ -137,7 +137,7 @@ class OrcPivot(OrcPeer):
         logits = step.forward(images)
         pivot_logits = step.pivot_forward(images)
         promoted = step.rank(logits, target, cfg.promote)
-        mixed_ce = step.mixed_ce(images, target) if cfg.error_mixup else None
+        mixed_ce = step.mixed_ce(images, target, promoted) if cfg.error_mixup else None
         losses = pivot_orc_losses(logits, pivot_logits, target, promoted, temperature=cfg.temperature,
                                   alpha=cfg.alpha, error_weight=cfg.error_weight, error_rule=cfg.error_rule,
                                   backend=cfg.backend, kd_scale=cfg.kd_scale, mixed_ce=mixed_ce,

@@ -57,6 +57,9 @@ class AutoStrategy:
     def forward(self, images):
         return self.current.forward(images)
 
+    def forward_members(self, images, members):
+        return self.current.forward_members(images, members)
+
     def zero_grad(self):
         self.current.zero_grad()
 

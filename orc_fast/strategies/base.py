@@ -22,6 +22,10 @@ class Strategy(Protocol):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor: ...
 
+    def forward_members(self, images: torch.Tensor, members: list[int]) -> torch.Tensor | None:
+        """Logits [len(members), B, C] of those members alone, or None where this strategy
+        can only run the whole group (then the caller runs ``forward``)."""
+
     def zero_grad(self) -> None: ...
 
     def step(self) -> None: ...

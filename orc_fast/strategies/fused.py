@@ -226,6 +226,11 @@ class FusedStrategy(SequentialStrategy):
             outputs[index] = self.member_forwards[index](images)
         return torch.stack(outputs)
 
+    def forward_members(self, images: torch.Tensor, members: list[int]) -> None:
+        """The stacked parameters hold the gradients fused steps read: a member's own module
+        would put them elsewhere, so only the whole wide model runs."""
+        return None
+
     def zero_grad(self) -> None:
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)

@@ -40,6 +40,11 @@ class SequentialStrategy:
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return torch.stack([forward(images) for forward in self.member_forwards])
 
+    def forward_members(self, images: torch.Tensor, members: list[int]) -> torch.Tensor:
+        """Logits of some members only (each member's forward is its own: the same values as
+        their rows of ``forward``)."""
+        return torch.stack([self.member_forwards[i](images) for i in members])
+
     def zero_grad(self) -> None:
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)

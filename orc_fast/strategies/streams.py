@@ -37,6 +37,9 @@ class StreamsStrategy(SequentialStrategy):
             logits.record_stream(main)
         return torch.stack(outputs)
 
+    def forward_members(self, images: torch.Tensor, members: list[int]) -> torch.Tensor:
+        return SequentialStrategy.forward_members(self, images, members)  # on the current stream
+
     def step(self) -> None:
         if not self.enabled:
             return super().step()
