@@ -102,6 +102,7 @@ def run_in(config: RunConfig, placement, folder: RunFolder) -> dict:
     if training.step.pivot is not None and metrics["pivot"] is None:
         metrics["pivot"] = pivot_accuracy(training.step.pivot, data, config)
         print(f"pivot before training: {100 * metrics['pivot']['pivot_test_acc']:.2f}% test")
+    clear_earlier_run(config, folder, placement)
     checkpoint.remove_stale_temps(folder.path)  # what a crash in the middle of a save left behind
     last_epoch = min(config.optim.epochs, config.run.stop_after) if config.run.stop_after else config.optim.epochs
     board = (TensorBoardLog(Path(config.run.log_dir), data.steps_per_epoch(config.optim.batch_size), start_epoch)
@@ -122,19 +123,25 @@ def run_in(config: RunConfig, placement, folder: RunFolder) -> dict:
 
 
 def take_folder(config: RunConfig, folder: RunFolder):
-    """Lock the run folder (one trainer at a time), clear an earlier run under --overwrite,
-    and make sure a checkpoint can be written there, all before any training; the lock."""
+    """Lock the run folder (one trainer at a time) and make sure a checkpoint can be written
+    there, before any work; the lock."""
     lock = folder.lock()
     try:
-        if config.run.overwrite and not config.run.resume:
-            removed = folder.clear()
-            if removed:
-                print(f"--overwrite: removed the earlier run's {', '.join(removed)} from {folder}")
         folder.check_writable()
     except BaseException:
         folder.unlock(lock)
         raise
     return lock
+
+
+def clear_earlier_run(config: RunConfig, folder: RunFolder, placement) -> None:
+    """--overwrite: remove the earlier run's files once every input has been checked (a bad
+    one leaves them as they were) and before this run writes any, so the folder never holds
+    two runs' files."""
+    if config.run.overwrite and not config.run.resume and placement.is_main:
+        removed = folder.clear()
+        if removed:
+            print(f"--overwrite: removed the earlier run's {', '.join(removed)} from {folder}")
 
 
 def check_batch_size(config: RunConfig, data: Source) -> None:
