@@ -304,7 +304,7 @@ def schedule_milestones(flags: dict) -> list[int]:
     except ValueError:
         raise UsageError(f"--milestones must be a comma list of epochs, got {flags['milestones']!r}") from None
     past = [m for m in milestones if not 0 <= m <= flags["epochs"]]
-    if past:
+    if past and flags["schedule"] == "step":  # the cosine schedule reads no milestones
         raise UsageError(f"--milestones {', '.join(map(str, past))} lie past --epochs {flags['epochs']} (a milestone "
                          f"is the epoch where the lr drops: each must lie in [0, {flags['epochs']}])")
     return milestones or sorted({round(flags["epochs"] * f) for f in (0.625, 0.75, 0.875)})

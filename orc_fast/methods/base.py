@@ -83,6 +83,12 @@ class StepOutput(NamedTuple):
     kd: torch.Tensor  # [N] each member's tau^2 KL term, 0 where it did not distil
 
 
+def distillation(config) -> dict:
+    """The loss functions' distillation keywords at a group step's settings (``StepConfig``)."""
+    return {"temperature": config.temperature, "alpha": config.alpha, "backend": config.backend,
+            "kd_scale": config.kd_scale}
+
+
 def loss_terms(result, distils: torch.Tensor | float, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(ce, kd) per member from a ``group_kd`` result with per-sample ``ce``/``kl`` [N, B]:
     the batch means, KL scaled by tau^2 and kept only where ``distils`` ([N] 0/1, or a

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..loss import group_kd
-from .base import DISTILLATION_FLAGS, MemberLosses, Method, MethodDefaults, loss_terms
+from .base import DISTILLATION_FLAGS, MemberLosses, Method, MethodDefaults, distillation, loss_terms
 
 DEFAULTS = MethodDefaults(1.0, 1.0, 1.0, "Zhang et al., Deep Mutual Learning, CVPR 2018: CE + KL, tau = 1")
 
@@ -41,6 +41,4 @@ class DML(Method):
     reads = DISTILLATION_FLAGS
 
     def losses(self, step, images, logits, target):
-        cfg = step.config
-        return dml_losses(logits, target, temperature=cfg.temperature, alpha=cfg.alpha, backend=cfg.backend,
-                          kd_scale=cfg.kd_scale)
+        return dml_losses(logits, target, **distillation(step.config))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ..errors import UsageError
 from ..loss import group_kd
-from .base import DISTILLATION_FLAGS, MemberLosses, Method, MethodDefaults, loss_terms
+from .base import DISTILLATION_FLAGS, MemberLosses, Method, MethodDefaults, distillation, loss_terms
 
 DEFAULTS = MethodDefaults(4.0, 0.1, 0.9, "Hinton et al., Distilling the Knowledge in a Neural Network, 2015, at "
                           "the settings of CRD's KD baseline (Tian et al., ICLR 2020): 0.1 CE + 0.9 tau^2 KL, tau = 4")
@@ -45,6 +45,4 @@ class KD(Method):
         return "frozen (kd)"
 
     def losses(self, step, images, logits, target):
-        cfg = step.config
-        return kd_losses(logits, target, step.pivot_forward(images), temperature=cfg.temperature, alpha=cfg.alpha,
-                         backend=cfg.backend, kd_scale=cfg.kd_scale)
+        return kd_losses(logits, target, step.pivot_forward(images), **distillation(step.config))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..loss import group_kd
-from .base import DISTILLATION_FLAGS, MemberLosses, Method, MethodDefaults, loss_terms
+from .base import DISTILLATION_FLAGS, MemberLosses, Method, MethodDefaults, distillation, loss_terms
 
 DEFAULTS = MethodDefaults(2.0, 1.0, 1.0, "Guo et al., KDCL, CVPR 2020: CE + tau^2 KL to the MinLogit group "
                           "teacher, tau = 2")
@@ -44,6 +44,4 @@ class KDCL(Method):
     reads = DISTILLATION_FLAGS
 
     def losses(self, step, images, logits, target):
-        cfg = step.config
-        return kdcl_losses(logits, target, temperature=cfg.temperature, alpha=cfg.alpha, backend=cfg.backend,
-                           kd_scale=cfg.kd_scale)
+        return kdcl_losses(logits, target, **distillation(step.config))

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import UsageError
 from ..loss import group_kd
-from .base import DISTILLATION_FLAGS, MemberLosses, Method, MethodDefaults, StepOutput, loss_terms
+from .base import DISTILLATION_FLAGS, MemberLosses, Method, MethodDefaults, StepOutput, distillation, loss_terms
 
 # Students keep CE at weight 1 and add tau^2 KL (the DML/KDCL form), so a member's role no
 # longer decides how much hard-label signal it gets: with (1 - alpha) CE at alpha = 0.9
@@ -91,9 +91,8 @@ def orc_losses(
 def step_losses(step, logits, target, roles, **extra) -> MemberLosses:
     """``orc_losses`` at the group step's settings."""
     cfg = step.config
-    return orc_losses(logits, target, roles, temperature=cfg.temperature, alpha=cfg.alpha,
-                      error_weight=cfg.error_weight, error_rule=cfg.error_rule, backend=cfg.backend,
-                      kd_scale=cfg.kd_scale, **extra)
+    return orc_losses(logits, target, roles, error_weight=cfg.error_weight, error_rule=cfg.error_rule,
+                      **distillation(cfg), **extra)
 
 
 class OrcPeer(Method):

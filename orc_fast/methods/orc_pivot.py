@@ -14,7 +14,7 @@ import torch
 
 from ..errors import UsageError
 from ..loss import group_kd
-from .base import MemberLosses, MethodDefaults, StepOutput, loss_terms
+from .base import MemberLosses, MethodDefaults, StepOutput, distillation, loss_terms
 from .orc_peer import DEFAULTS as PEER_DEFAULTS
 from .orc_peer import ORC_FLAGS, OrcPeer, teacher_error_weights
 
@@ -138,10 +138,9 @@ class OrcPivot(OrcPeer):
         pivot_logits = step.pivot_forward(images)
         promoted = step.rank(logits, target, cfg.promote)
         mixed_ce = step.mixed_ce(images, target, promoted) if cfg.error_mixup else None
-        losses = pivot_orc_losses(logits, pivot_logits, target, promoted, temperature=cfg.temperature,
-                                  alpha=cfg.alpha, error_weight=cfg.error_weight, error_rule=cfg.error_rule,
-                                  backend=cfg.backend, kd_scale=cfg.kd_scale, mixed_ce=mixed_ce,
-                                  private_teaching=cfg.promote > 0)
+        losses = pivot_orc_losses(logits, pivot_logits, target, promoted, error_weight=cfg.error_weight,
+                                  error_rule=cfg.error_rule, mixed_ce=mixed_ce, private_teaching=cfg.promote > 0,
+                                  **distillation(cfg))
         step.backward_and_step(losses.total)
         return StepOutput(losses.per_member[:-1].detach(), promoted, losses.error_mask, losses.ce[:-1], losses.kd[:-1])
 
