@@ -383,6 +383,13 @@ def loss_settings(flags: dict, method: methods.Method) -> dict:
             "loss_source": defaults.source}
 
 
+def check_against_data(config: RunConfig, data) -> None:
+    """What only the data can refuse: a batch larger than its training split."""
+    train_size = data.size("train")
+    if config.optim.batch_size > train_size:
+        raise UsageError(f"--batch-size {config.optim.batch_size} is larger than the {train_size} training images")
+
+
 # ============================================================================ resuming
 
 

@@ -91,6 +91,16 @@ class RunFolder:
             return None
         return metrics if isinstance(metrics, dict) else None
 
+    def kept_checkpoint(self) -> str:
+        """What a failed write leaves: the last complete checkpoint, or none."""
+        try:
+            epoch = self.saved_epoch()
+        except checkpoint.CheckpointError:
+            epoch = None
+        if epoch is None:
+            return "there is no complete checkpoint to resume"
+        return f"the last complete checkpoint, {self.checkpoint_file()} (epoch {epoch}), is kept"
+
     def saved_epoch(self) -> int | None:
         """The epoch the latest checkpoint holds (None: no checkpoint); CheckpointError if unreadable."""
         path = self.checkpoint_file()
@@ -132,9 +142,27 @@ class RunFolder:
         if _lock_owner(lock) == os.getpid():
             lock.unlink(missing_ok=True)
 
+    def take(self) -> Path:
+        """Lock the folder (one trainer at a time) and make sure a checkpoint can be written
+        there, before any work; the lock, for ``unlock``."""
+        lock = self.lock()
+        try:
+            self.check_writable()
+        except BaseException:
+            self.unlock(lock)
+            raise
+        return lock
+
+    def clear_earlier_run(self) -> None:
+        """--overwrite: remove the earlier run's files, once every input has been checked (a
+        bad one leaves them as they were) and before this run writes any, so the folder never
+        holds two runs' files."""
+        removed = self.clear()
+        if removed:
+            print(f"--overwrite: removed the earlier run's {', '.join(removed)} from {self}")
+
     def clear(self) -> list[str]:
-        """Remove an earlier run's files (``--overwrite``) before this run writes anything, so
-        the folder never mixes two runs; the names removed."""
+        """Remove a run's files; the names removed."""
         removed = []
         names = (*self.RUN_FILES, self.CURVES)
         for path in [*(self.path / n for n in names), *self.path.glob("epoch*.rank*.pt"), *self.path.glob(".*.tmp")]:

@@ -43,7 +43,7 @@ import torch
 from . import checkpoint, distributed
 from .accuracy import accuracy, pivot_accuracy
 from .cli import PROG, parse_args
-from .config import RunConfig, resolve, resume_changes
+from .config import RunConfig, check_against_data, resolve, resume_changes
 from .cuda_graphs import CUDA_GRAPH_WARMUP, CudaGraphStep
 from .data import DataError, Source, load_dataset
 from .errors import UsageError
@@ -69,7 +69,8 @@ def main(argv=None) -> int:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 1
     except checkpoint.WriteError as error:  # disk full, read-only, no permission
-        print(f"{PROG}: error: {error}; {kept_checkpoint(config)}", file=sys.stderr)
+        kept = RunFolder(config.run.out).kept_checkpoint() if config else "nothing was written"
+        print(f"{PROG}: error: {error}; {kept}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\n" + interrupted_message(config.run.out if config else None), file=sys.stderr)
@@ -82,7 +83,7 @@ def run(config: RunConfig) -> dict:
     placement = start_process(config)
     config = config.updated(**placement.settings())
     folder = RunFolder(config.run.out)
-    lock = take_folder(config, folder) if placement.is_main else None
+    lock = folder.take() if placement.is_main else None
     try:
         return run_in(config, placement, folder)
     finally:
@@ -93,7 +94,7 @@ def run(config: RunConfig) -> dict:
 def run_in(config: RunConfig, placement, folder: RunFolder) -> dict:
     """The run, once its folder is this process's."""
     data = load_data(config)
-    check_batch_size(config, data)
+    check_against_data(config, data)
     config = config.updated(num_classes=data.num_classes, train_size=data.size("train"), val_size=data.size("val"),
                             test_size=data.size("test"))
     training, config = build(config, placement, data)
@@ -102,7 +103,8 @@ def run_in(config: RunConfig, placement, folder: RunFolder) -> dict:
     if training.step.pivot is not None and metrics["pivot"] is None:
         metrics["pivot"] = pivot_accuracy(training.step.pivot, data, config)
         print(f"pivot before training: {100 * metrics['pivot']['pivot_test_acc']:.2f}% test")
-    clear_earlier_run(config, folder, placement)
+    if config.run.overwrite and not config.run.resume and placement.is_main:
+        folder.clear_earlier_run()  # every input checked, nothing written yet
     checkpoint.remove_stale_temps(folder.path)  # what a crash in the middle of a save left behind
     last_epoch = min(config.optim.epochs, config.run.stop_after) if config.run.stop_after else config.optim.epochs
     board = (TensorBoardLog(Path(config.run.log_dir), data.steps_per_epoch(config.optim.batch_size), start_epoch)
@@ -120,48 +122,6 @@ def run_in(config: RunConfig, placement, folder: RunFolder) -> dict:
 
 
 # ============================================================================ building the run
-
-
-def take_folder(config: RunConfig, folder: RunFolder):
-    """Lock the run folder (one trainer at a time) and make sure a checkpoint can be written
-    there, before any work; the lock."""
-    lock = folder.lock()
-    try:
-        folder.check_writable()
-    except BaseException:
-        folder.unlock(lock)
-        raise
-    return lock
-
-
-def clear_earlier_run(config: RunConfig, folder: RunFolder, placement) -> None:
-    """--overwrite: remove the earlier run's files once every input has been checked (a bad
-    one leaves them as they were) and before this run writes any, so the folder never holds
-    two runs' files."""
-    if config.run.overwrite and not config.run.resume and placement.is_main:
-        removed = folder.clear()
-        if removed:
-            print(f"--overwrite: removed the earlier run's {', '.join(removed)} from {folder}")
-
-
-def check_batch_size(config: RunConfig, data: Source) -> None:
-    train_size = data.size("train")
-    if config.optim.batch_size > train_size:
-        raise UsageError(f"--batch-size {config.optim.batch_size} is larger than the {train_size} training images")
-
-
-def kept_checkpoint(config: RunConfig | None) -> str:
-    """What a failed write leaves: the last complete checkpoint, or none."""
-    if config is None:
-        return "nothing was written"
-    folder = RunFolder(config.run.out)
-    try:
-        epoch = folder.saved_epoch()
-    except checkpoint.CheckpointError:
-        epoch = None
-    if epoch is None:
-        return "there is no complete checkpoint to resume"
-    return f"the last complete checkpoint, {folder.checkpoint_file()} (epoch {epoch}), is kept"
 
 
 def start_process(config: RunConfig):
