@@ -1,4 +1,4 @@
-"""The ORC step and the baselines (orc_fast/orc.py), on crafted tensors and tiny models."""
+"""The ORC step and the baselines (orc_fast/methods/, roles.py, group_step.py), on crafted tensors and tiny models."""
 
 from __future__ import annotations
 

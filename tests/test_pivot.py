@@ -1,4 +1,4 @@
-"""Pivot mode and ``kd`` (orc_fast/orc.py, orc_fast/pivot.py, the trainer's --pivot flags)."""
+"""Pivot mode and ``kd`` (orc_fast/methods/orc_pivot.py, orc_fast/methods/kd.py, orc_fast/pivot.py, the trainer's --pivot flags)."""
 
 from __future__ import annotations
 
