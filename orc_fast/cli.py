@@ -281,6 +281,8 @@ def resumed_flags(resume: str, out: str | None, parser: argparse.ArgumentParser)
             continue  # not this invocation's, not recorded, or a flag the run's method does not read
         if dest in ("temperature", "alpha") and f"--{dest}" not in given:
             continue
+        if dest == "precision" and str(record.get("precision_reason", "")).startswith("auto"):
+            value = "auto"  # chosen by auto: resolved again (a resume on other hardware is refused, not changed)
         flags[dest] = ",".join(map(str, value)) if isinstance(value, list) else value
     return flags
 

@@ -125,7 +125,7 @@ class RunFolder:
                     fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
                 except FileExistsError:
                     pid = _lock_owner(lock)
-                    if pid and pid != os.getpid() and pid_alive(pid):
+                    if pid and pid_alive(pid):
                         raise UsageError(f"{self.path} is in use by another {what} (pid {pid}, {lock}); wait for it, "
                                          f"or remove the lock if that process is not a {what}") from None
                     lock.unlink(missing_ok=True)  # stale: its process is gone

@@ -245,7 +245,7 @@ def main() -> None:
              "D's val rank, last epoch | D's val gap, last epoch | D's val gap, late | D − best other student, late | "
              "KD best member's val gap, late | KD lowest train CE − others | D's train CE − others | "
              "independent lowest train CE − others |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| --- | ---: | --- " + "| ---: " * 14 + "|"]
     for s in args.seeds:
         lines.append(summary_row(f"orc_pivot-s{s}", runs[s], kds[s], inds[s]))
     for path, m in context:
