@@ -2,13 +2,14 @@
 # Records metrics.json of short digits runs that cover every method and engine option, so that
 # a refactor of the trainer can be shown to change nothing: run it before and after, then
 # `python benchmarks/behaviour/same.py BEFORE AFTER` (timings, dates and paths left out).
-# Usage: benchmarks/behaviour/record.sh OUT_DIR [PYTHON]
+# Usage: benchmarks/behaviour/record.sh OUT_DIR [PYTHON]; EXTRA_FLAGS adds flags to every run
+# (e.g. EXTRA_FLAGS="--precision fp32" to record later code at the old default precision).
 set -euo pipefail
 out=${1:?usage: record.sh OUT_DIR [PYTHON]}
 py=${2:-python}
 mkdir -p "$out"
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
-common=(--dataset digits --epochs 2 --threads 1 --device cpu --progress off --seed 3)
+common=(--dataset digits --epochs 2 --threads 1 --device cpu --progress off --seed 3 ${EXTRA_FLAGS:-})
 train() { name=$1; shift; "$py" -m orc_fast.train "${common[@]}" --out "$out/$name" "$@" > "$out/$name.log" 2>&1; }
 train pivot --method independent --num-nets 1 --arch resnet14
 train orc_peer
