@@ -345,13 +345,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    out = Path(args.out)
+    options = parse_args(argv)
+    out = Path(options.out)
     try:
-        if args.jobs < 1:
-            raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
-        protocol = read_protocol(args.config)
-        runs = plan_runs(protocol, args.config)
+        if options.jobs < 1:
+            raise UsageError(f"--jobs must be >= 1, got {options.jobs}")
+        protocol = read_protocol(options.config)
+        runs = plan_runs(protocol, options.config)
         lock = take_lock(out)
         try:
             check_unchanged(runs, out)
@@ -361,10 +361,10 @@ def main(argv=None) -> int:
     except UsageError as error:
         print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
-    runner = Runner(runs, out, args.jobs)
+    runner = Runner(runs, out, options.jobs)
     stop_on_signals()
     try:
-        complete = True if args.report_only else runner.run_all()
+        complete = True if options.report_only else runner.run_all()
     except KeyboardInterrupt:
         runner.stop()
         print("\ninterrupted; run the same command again to continue: finished runs are skipped and the "
@@ -374,7 +374,7 @@ def main(argv=None) -> int:
     try:
         finished = {run.name: RunFolder(out / "runs" / run.name).read_metrics() for run in runs
                     if run_state(run, out) == "finished"}
-        write_report(protocol, args.config, runs, finished, out)
+        write_report(protocol, options.config, runs, finished, out)
     finally:
         lock.unlink(missing_ok=True)
     print(f"table in {out / 'table.md'} ({len(finished)} of {len(runs)} runs finished)")

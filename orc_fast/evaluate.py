@@ -43,19 +43,19 @@ def build_parser() -> Parser:
     return p
 
 
-def evaluation_data(args, run: TrainedRun, log=print) -> tuple[str, torch.Tensor, torch.Tensor]:
+def evaluation_data(options, run: TrainedRun, log=print) -> tuple[str, torch.Tensor, torch.Tensor]:
     """(what was read, uint8 images [N, 3, S, S] at the run's image size, labels [N] as indices
     into the run's classes)."""
-    name = args.data or run.config["dataset"]
+    name = options.data or run.config["dataset"]
     if name in DATASETS:
         own = name == run.config["dataset"]
-        data_dir = args.data_dir or (run.config.get("data_dir") if own else None)
+        data_dir = options.data_dir or (run.config.get("data_dir") if own else None)
         dataset = load_dataset(name, data_dir, False, run.image_size, 0, "cpu", log=log)
         where, classes, images, labels = f"{name} test split", dataset.classes, dataset.test_images, dataset.test_labels
     else:
-        if args.data_dir:
-            raise UsageError(f"--data-dir goes with a dataset name for --data; {args.data} is a folder")
-        where = str(args.data)
+        if options.data_dir:
+            raise UsageError(f"--data-dir goes with a dataset name for --data; {options.data} is a folder")
+        where = str(options.data)
         if any((Path(where) / split).is_dir() for split in ("train", "test")) and not {"train", "test"} & set(run.classes):
             raise DataError(f"{where} holds train/ or test/ folders: pass {Path(where) / 'test'} (a folder of class "
                             f"folders), or --data imagefolder --data-dir {where}")
@@ -95,32 +95,32 @@ def report(run: TrainedRun, description: str, where: str, predictions, labels, p
     return result
 
 
-def evaluate(args) -> dict:
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.threads < 0:
-        raise UsageError(f"--threads must be >= 0, got {args.threads}")
+def evaluate(options) -> dict:
+    if options.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {options.batch_size}")
+    if options.threads < 0:
+        raise UsageError(f"--threads must be >= 0, got {options.threads}")
     try:
-        device = torch.device(args.device)
+        device = torch.device(options.device)
     except RuntimeError:
-        raise UsageError(f"unknown --device {args.device!r}") from None
+        raise UsageError(f"unknown --device {options.device!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device} asked for, but CUDA is not available here")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    run = load_trained(args.run)
-    classifier, description, _ = select(run, args.member)
+        raise UsageError(f"--device {options.device} asked for, but CUDA is not available here")
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    run = load_trained(options.run)
+    classifier, description, _ = select(run, options.member)
     config = run.config
     print(f"{run.path}: epoch {run.epoch} of {config['method']} on {config['dataset']}, "
           f"{len(config['archs'])} members ({', '.join(config['archs'])})")
     if run.note:
         print(f"note: {run.note}")
-    where, images, labels = evaluation_data(args, run)
-    return report(run, description, where, predict(classifier, images, args.batch_size, device), labels, args.per_class)
+    where, images, labels = evaluation_data(options, run)
+    return report(run, description, where, predict(classifier, images, options.batch_size, device), labels, options.per_class)
 
 
 def main(argv=None) -> int:
-    return run_main(PROG, lambda args: evaluate(build_parser().parse_args(args)), argv,
+    return run_main(PROG, lambda options: evaluate(build_parser().parse_args(options)), argv,
                     (DataError, checkpoint.CheckpointError))
 
 

@@ -108,19 +108,19 @@ def onnx_bytes(classifier: Classifier, image_size: int) -> bytes:
         return staged.read_bytes()
 
 
-def check_outputs(args) -> None:
+def check_outputs(options) -> None:
     """Refuse, before any work, outputs that would overwrite a file or that cannot be made."""
-    for flag, value in (("--out", args.out), ("--onnx", args.onnx)):
+    for flag, value in (("--out", options.out), ("--onnx", options.onnx)):
         if value is None:
             continue
         path = Path(value)
         if path.is_dir():
             raise UsageError(f"{flag} {path} is a folder, not a file")
-        if path.exists() and not args.overwrite:
+        if path.exists() and not options.overwrite:
             raise UsageError(f"{flag} {path} exists: pick another name or add --overwrite")
-    if args.onnx and Path(args.onnx).resolve() == Path(args.out).resolve():
+    if options.onnx and Path(options.onnx).resolve() == Path(options.out).resolve():
         raise UsageError("--onnx and --out name the same file")
-    if args.onnx:
+    if options.onnx:
         try:
             import onnx  # noqa: F401
             import onnxscript  # noqa: F401
@@ -128,10 +128,10 @@ def check_outputs(args) -> None:
             raise UsageError(f"--onnx needs the onnx and onnxscript packages ({error.name} is not installed)") from None
 
 
-def export(args) -> dict:
-    check_outputs(args)
-    run = load_trained(args.run)
-    classifier, description, index = select(run, args.member)
+def export(options) -> dict:
+    check_outputs(options)
+    run = load_trained(options.run)
+    classifier, description, index = select(run, options.member)
     if run.note:
         print(f"note: {run.note}")
     info = metadata(run, description, index)
@@ -142,21 +142,21 @@ def export(args) -> dict:
     if not difference <= 1e-4:
         raise UsageError(f"the exported program does not reproduce the model (largest difference {difference:.3g}); "
                          f"nothing was written")
-    onnx = onnx_bytes(classifier, run.image_size) if args.onnx else None
+    onnx = onnx_bytes(classifier, run.image_size) if options.onnx else None
     # Written only now that both exist: a failure above leaves every file as it was.
-    out = Path(args.out)
+    out = Path(options.out)
     checkpoint.write_atomic(out, lambda handle: handle.write(buffer.getvalue()))
     print(f"{description} of {run.path} (epoch {run.epoch}) -> {out} ({os.path.getsize(out) / 1e6:.2f} MB; "
           f"reloaded, largest difference from the eager model {difference:.1e})")
     print(f'load it with: torch.export.load("{out}").module(); input {info["input"]}')
     if onnx is not None:
-        checkpoint.write_atomic(args.onnx, lambda handle: handle.write(onnx))
-        print(f"ONNX -> {args.onnx}")
+        checkpoint.write_atomic(options.onnx, lambda handle: handle.write(onnx))
+        print(f"ONNX -> {options.onnx}")
     return info
 
 
 def main(argv=None) -> int:
-    return run_main(PROG, lambda args: export(build_parser().parse_args(args)), argv,
+    return run_main(PROG, lambda options: export(build_parser().parse_args(options)), argv,
                     (DataError, checkpoint.CheckpointError))
 
 
