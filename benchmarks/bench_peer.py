@@ -64,6 +64,7 @@ import time
 from pathlib import Path
 
 import pytest
+from table_report import show_table
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -515,16 +516,8 @@ def table(request):
     yield
     if not PYTEST_RUN:
         return
-    text = summary_table(PYTEST_RUN)
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if reporter is not None:
-        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
-            reporter.write_sep("=", "Hinton KD resnet56 -> resnet20: orc_fast vs torchdistill, images/s (same run)")
-            reporter.write_line(text)
-    path = os.environ.get("ORC_FAST_BENCH_TABLE")
-    if path:
-        Path(path).write_text(text + "\n")
+    show_table(request, "Hinton KD resnet56 -> resnet20: orc_fast vs torchdistill, images/s (same run)",
+               summary_table(PYTEST_RUN))
 
 
 def test_peer_kd(benchmark):

@@ -22,13 +22,13 @@ seconds are spent, its remaining compiled variants are skipped (named under the 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import statistics
 import time
 
 import pytest
 import torch
+from table_report import show_table
 
 from orc_fast.data import DeviceDataset
 from orc_fast.group_step import GroupStep, StepConfig
@@ -137,16 +137,7 @@ def table(request):
     text = results_table()
     if not text:
         return
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if reporter is not None:
-        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
-            reporter.write_sep("=", "group training step: images/s, ratio to sequential eager (same run)")
-            reporter.write_line(text)
-    path = os.environ.get("ORC_FAST_BENCH_TABLE")
-    if path:
-        with open(path, "w") as handle:
-            handle.write(text + "\n")
+    show_table(request, "group training step: images/s, ratio to sequential eager (same run)", text)
 
 
 @pytest.mark.parametrize("device", DEVICES)
