@@ -150,16 +150,14 @@ stage_train_bf16() {
     return 0
   fi
   if [[ $DRY == 1 ]]; then
-    echo "dry: would run: ${run[*]} [--precision bf16] --out ..."
+    echo "dry: would run: ${run[*]} --precision fp32|bf16 --out ..."
     return 0
   fi
-  # The trainer's own loop on the bundled digits set: a bf16 row beside its default
-  # precision, same command otherwise (not comparable with bench_train's CIFAR-shaped rows).
+  # The trainer's own loop on the bundled digits set: bf16 beside fp32 (the default is
+  # auto, bf16 on this GPU), same command otherwise (not comparable with bench_train's rows).
   local rc=0 precision
-  for precision in default bf16; do
-    local extra=()
-    [[ $precision == bf16 ]] && extra=(--precision bf16)
-    "${run[@]}" "${extra[@]}" --out "$WORK/train_$precision" || rc=$?
+  for precision in fp32 bf16; do
+    "${run[@]}" --precision "$precision" --out "$WORK/train_$precision" || rc=$?
     "$PY" - "$WORK/train_$precision/metrics.json" "$precision" <<'EOF' || rc=1
 import json, sys
 epochs = json.load(open(sys.argv[1]))["epochs"]
