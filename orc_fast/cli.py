@@ -8,6 +8,7 @@ line ``PROG: error: ...`` on stderr and exit code 2 (``run_main``).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -233,6 +234,13 @@ def add_run_flags(g) -> None:
                    help="under torchrun: seconds a rank waits for the others in a collective before the run stops "
                    "with an error (a dead or hung rank); must exceed the longest gap between steps")
 
+
+
+@functools.cache
+def flag_defaults() -> dict:
+    """Every trainer flag's default, {dest: value}, read from the parser once (the defaults do
+    not depend on which methods are registered)."""
+    return {action.dest: action.default for action in build_parser()._actions}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

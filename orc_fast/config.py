@@ -24,6 +24,7 @@ import torch
 
 from . import checkpoint, distributed, methods
 from .backends import resolve_backend
+from .cli import flag_defaults
 from .errors import UsageError
 from .group_step import StepConfig
 from .models import MODELS
@@ -257,12 +258,10 @@ def group_archs(flags: dict) -> tuple[list[str], int]:
 
 def unused_flags(flags: dict, method: methods.Method) -> list[str]:
     """The method-owned flags set away from their defaults that ``method`` does not read."""
-    from .cli import build_parser
-
-    parser = build_parser()
+    defaults = flag_defaults()
 
     def given(dest):  # a --no-flag whose default is None (the method decides) says nothing either
-        value, default = flags[dest], parser.get_default(dest)
+        value, default = flags[dest], defaults[dest]
         return value != default and not (default is None and value is False)
 
     ignored = [dest for dest in methods.method_flags() if dest not in method.reads and dest not in ("pivot", *PIVOT_FLAGS)]
